@@ -1,0 +1,189 @@
+//! The gateway's shared state, built once at start-up, and the listeners that serve it.
+
+use crate::budget::LocalBudget;
+use crate::cache::{MokaStore, PageCache, Windows};
+use crate::circuit::Circuit;
+use crate::clients::Clients;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::server::{serve, ServeOptions, Shutdown};
+use crate::tokens::{TokenManager, TokenSettings, UpstreamCredentials};
+use crate::transport::{HttpTransport, Transport};
+use crate::upstream::{Upstream, UpstreamSettings};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use tokio::net::TcpListener;
+
+/// Everything the request path needs; one cheap handle (`Arc<Gateway>`) shared by all tasks.
+pub struct Gateway {
+    pub cfg: Config,
+    pub metrics: Metrics,
+    pub upstream: Arc<Upstream>,
+    pub tokens: Arc<TokenManager>,
+    pub cache: Arc<PageCache>,
+    pub clients: Clients,
+    /// Client API requests in flight (load shedding above `server.max_inflight`).
+    pub inflight: AtomicUsize,
+    pub started: std::time::Instant,
+    /// Fired on SIGTERM/SIGINT: listeners stop accepting, `/readyz` turns 503.
+    pub shutdown: Shutdown,
+}
+
+impl Gateway {
+    /// Builds the gateway over the real HTTP transport.
+    pub fn new(cfg: Config) -> anyhow::Result<Arc<Self>> {
+        let transport = HttpTransport::new(
+            &cfg.upstream.base_url,
+            &cfg.upstream.ca_file,
+            cfg.upstream.connect_timeout.0,
+            cfg.upstream.max_response_bytes.as_usize(),
+        )?;
+        Ok(Self::with_transport(cfg, Arc::new(transport)))
+    }
+
+    /// Builds the gateway over any transport (unit tests use an in-memory one).
+    pub fn with_transport(cfg: Config, transport: Arc<dyn Transport>) -> Arc<Self> {
+        let metrics = Metrics::new();
+        let u = &cfg.upstream;
+        let upstream = Arc::new(Upstream::new(
+            transport,
+            Arc::new(LocalBudget::new(
+                u.rate_per_second,
+                u.burst,
+                u.max_concurrent,
+            )),
+            Circuit::new(u.circuit_failures, u.circuit_open_for.0),
+            metrics.clone(),
+            UpstreamSettings {
+                timeout: u.timeout.0,
+                retries: u.retries,
+                max_queue_wait: u.max_queue_wait.0,
+            },
+        ));
+        let c = &cfg.credentials;
+        let tokens = Arc::new(TokenManager::new(
+            upstream.clone(),
+            UpstreamCredentials {
+                client_id: c.client_id.clone(),
+                client_secret: c.client_secret.clone(),
+                username: c.username.clone(),
+                password: c.password.clone(),
+            },
+            TokenSettings {
+                session_idle_timeout: c.session_idle_timeout.0,
+                max_failed_logins: c.max_failed_logins,
+                login_pause: c.login_pause.0,
+                call_timeout: cfg.server.request_timeout.0,
+            },
+            metrics.clone(),
+        ));
+        let windows = Windows {
+            stale_while_revalidate: cfg.cache.stale_while_revalidate.0,
+            stale_if_error: cfg.cache.stale_if_error.0,
+        };
+        let cache = Arc::new(PageCache::new(
+            Arc::new(MokaStore::new(cfg.cache.max_bytes.0, windows)),
+            windows,
+        ));
+        let clients = Clients::new(&cfg.clients);
+        Arc::new(Gateway {
+            cfg,
+            metrics,
+            upstream,
+            tokens,
+            cache,
+            clients,
+            inflight: AtomicUsize::new(0),
+            started: std::time::Instant::now(),
+            shutdown: Shutdown::new(),
+        })
+    }
+
+    pub fn inflight(&self) -> usize {
+        self.inflight.load(Ordering::Relaxed)
+    }
+}
+
+/// A gateway serving on its two listeners.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub gateway: Arc<Gateway>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Binds `server.listen` and `server.admin_listen` (port 0 allowed) and starts serving.
+    pub async fn start(cfg: Config) -> anyhow::Result<Running> {
+        let gateway = Gateway::new(cfg)?;
+        Self::start_with(gateway).await
+    }
+
+    pub async fn start_with(gateway: Arc<Gateway>) -> anyhow::Result<Running> {
+        let s = &gateway.cfg.server;
+        let listener = TcpListener::bind(s.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("server.listen {}: {e}", s.listen))?;
+        let admin = TcpListener::bind(s.admin_listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("server.admin_listen {}: {e}", s.admin_listen))?;
+        let addr = listener.local_addr()?;
+        let admin_addr = admin.local_addr()?;
+        let opts = ServeOptions {
+            max_connections: s.max_connections,
+            header_read_timeout: s.header_read_timeout.0,
+            // hyper's hard cap sits above ours so that our 431 (with its JSON body) answers first.
+            max_head_bytes: s.max_header_bytes.as_usize() * 2 + 8192,
+            max_headers: crate::proxy::MAX_HEADERS + 28,
+            tls: None,
+        };
+        let grace = s.shutdown_grace.0;
+        let shutdown = gateway.shutdown.clone();
+        let tasks = vec![
+            tokio::spawn(gateway.tokens.clone().run(shutdown.clone())),
+            tokio::spawn(serve(
+                listener,
+                opts.clone(),
+                Arc::new(crate::proxy::ClientApi(gateway.clone())),
+                shutdown.clone(),
+                grace,
+            )),
+            tokio::spawn(serve(
+                admin,
+                opts,
+                Arc::new(crate::admin::AdminApi(gateway.clone())),
+                shutdown,
+                grace,
+            )),
+        ];
+        Ok(Running {
+            addr,
+            admin_addr,
+            gateway,
+            tasks,
+        })
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.admin_addr)
+    }
+
+    /// Stops accepting, drains in-flight requests within `shutdown_grace`, and returns.
+    pub async fn stop(mut self) {
+        self.gateway.shutdown.trigger();
+        for t in std::mem::take(&mut self.tasks) {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.gateway.shutdown.trigger();
+    }
+}

@@ -1,0 +1,447 @@
+//! The page cache (SPEC §6): stored upstream answers with their gzip form and ETag, freshness
+//! windows counted from the fetch time, and coalescing of concurrent misses.
+//!
+//! [`CacheStore`] is the seam for a shared L2 store; [`MokaStore`] is the in-process default,
+//! weighed by stored bytes and bounded by `cache.max_bytes`.
+
+use crate::error::GatewayError;
+use bytes::Bytes;
+use flate2::write::GzEncoder;
+use http::{HeaderValue, StatusCode};
+use std::collections::HashMap;
+use std::future::Future;
+use std::io::Write;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// What a cached answer is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Page,
+    Subscription,
+}
+
+/// `(route, account, numeric index)`; subscriptions use index 0.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Key {
+    pub kind: Kind,
+    pub account: Arc<str>,
+    pub index: u64,
+}
+
+/// Bodies below this are not worth compressing.
+const GZIP_MIN: usize = 256;
+/// Bookkeeping bytes counted per entry on top of the bodies.
+const ENTRY_OVERHEAD: usize = 256;
+
+/// One stored upstream answer. Bodies are `Bytes`: a hit clones a pointer, never the bytes.
+#[derive(Debug)]
+pub struct Entry {
+    pub status: StatusCode,
+    pub content_type: HeaderValue,
+    pub body: Bytes,
+    pub gzip: Option<Bytes>,
+    pub etag: HeaderValue,
+    pub fetched_at: Instant,
+    /// `ttl` for answers, `negative_ttl` for upstream 4xx.
+    pub fresh_for: Duration,
+    /// One background refresh at a time while stale.
+    refreshing: AtomicBool,
+}
+
+/// Where an entry stands at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    Fresh,
+    /// Stale within `stale_while_revalidate`: serve it and refresh in the background.
+    Revalidate,
+    /// Stale beyond that: fetch; serve it only if the upstream fails within `stale_if_error`.
+    Stale,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Windows {
+    pub stale_while_revalidate: Duration,
+    pub stale_if_error: Duration,
+}
+
+impl Entry {
+    pub fn new(
+        status: StatusCode,
+        content_type: HeaderValue,
+        body: Bytes,
+        fetched_at: Instant,
+        fresh_for: Duration,
+    ) -> Self {
+        let digest = ring::digest::digest(&ring::digest::SHA256, &body);
+        let hex: String = digest.as_ref()[..12]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let etag = HeaderValue::from_str(&format!("\"{hex}\""))
+            .unwrap_or(HeaderValue::from_static("\"0\""));
+        Self {
+            status,
+            content_type,
+            gzip: gzip(&body),
+            body,
+            etag,
+            fetched_at,
+            fresh_for,
+            refreshing: AtomicBool::new(false),
+        }
+    }
+
+    pub fn is_negative(&self) -> bool {
+        !self.status.is_success()
+    }
+
+    pub fn age(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.fetched_at)
+    }
+
+    /// Seconds of freshness left (the `max-age` to send).
+    pub fn fresh_left(&self, now: Instant) -> u64 {
+        self.fresh_for.saturating_sub(self.age(now)).as_secs()
+    }
+
+    /// Both stale windows count from the moment the entry became stale (RFC 5861). Negative
+    /// answers are never served stale.
+    pub fn freshness(&self, now: Instant, w: &Windows) -> Freshness {
+        let age = self.age(now);
+        if age < self.fresh_for {
+            Freshness::Fresh
+        } else if !self.is_negative() && age - self.fresh_for < w.stale_while_revalidate {
+            Freshness::Revalidate
+        } else {
+            Freshness::Stale
+        }
+    }
+
+    pub fn usable_on_error(&self, now: Instant, w: &Windows) -> bool {
+        !self.is_negative() && self.age(now).saturating_sub(self.fresh_for) < w.stale_if_error
+    }
+
+    /// True for the one caller that should start the background refresh.
+    pub fn claim_refresh(&self) -> bool {
+        self.refreshing
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    pub fn release_refresh(&self) {
+        self.refreshing.store(false, Ordering::Release);
+    }
+
+    /// The weight counted against `cache.max_bytes`.
+    pub fn weight(&self) -> u32 {
+        let n = self.body.len() + self.gzip.as_ref().map_or(0, Bytes::len) + ENTRY_OVERHEAD;
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+}
+
+/// Compressed once, at insert; kept only if smaller.
+fn gzip(body: &[u8]) -> Option<Bytes> {
+    if body.len() < GZIP_MIN {
+        return None;
+    }
+    let mut enc = GzEncoder::new(
+        Vec::with_capacity(body.len() / 4),
+        flate2::Compression::new(6),
+    );
+    enc.write_all(body).ok()?;
+    let out = enc.finish().ok()?;
+    (out.len() < body.len()).then(|| Bytes::from(out))
+}
+
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Where entries live. The in-process moka store is the default; a shared store (Redis L2)
+/// implements the same five calls.
+pub trait CacheStore: Send + Sync + 'static {
+    fn get<'a>(&'a self, key: &'a Key) -> StoreFuture<'a, Option<Arc<Entry>>>;
+    fn insert(&self, key: Key, entry: Arc<Entry>) -> StoreFuture<'_, ()>;
+    /// Drops every entry of `account`; returns how many.
+    fn purge_account<'a>(&'a self, account: &'a str) -> StoreFuture<'a, u64>;
+    fn purge_all(&self) -> StoreFuture<'_, u64>;
+    /// `(entries, bytes)` after pending maintenance.
+    fn size(&self) -> StoreFuture<'_, (u64, u64)>;
+}
+
+struct EntryExpiry {
+    windows: Windows,
+}
+
+impl moka::Expiry<Key, Arc<Entry>> for EntryExpiry {
+    fn expire_after_create(
+        &self,
+        _k: &Key,
+        v: &Arc<Entry>,
+        _at: std::time::Instant,
+    ) -> Option<Duration> {
+        let keep = if v.is_negative() {
+            Duration::ZERO
+        } else {
+            self.windows
+                .stale_while_revalidate
+                .max(self.windows.stale_if_error)
+        };
+        Some(v.fresh_for + keep)
+    }
+}
+
+pub struct MokaStore {
+    cache: moka::future::Cache<Key, Arc<Entry>>,
+}
+
+impl MokaStore {
+    pub fn new(max_bytes: u64, windows: Windows) -> Self {
+        let cache = moka::future::Cache::builder()
+            .max_capacity(max_bytes)
+            .weigher(|_k: &Key, v: &Arc<Entry>| v.weight())
+            .expire_after(EntryExpiry { windows })
+            .build();
+        Self { cache }
+    }
+}
+
+impl CacheStore for MokaStore {
+    fn get<'a>(&'a self, key: &'a Key) -> StoreFuture<'a, Option<Arc<Entry>>> {
+        Box::pin(self.cache.get(key))
+    }
+
+    fn insert(&self, key: Key, entry: Arc<Entry>) -> StoreFuture<'_, ()> {
+        Box::pin(self.cache.insert(key, entry))
+    }
+
+    fn purge_account<'a>(&'a self, account: &'a str) -> StoreFuture<'a, u64> {
+        Box::pin(async move {
+            let keys: Vec<Arc<Key>> = self
+                .cache
+                .iter()
+                .filter(|(k, _)| &*k.account == account)
+                .map(|(k, _)| k)
+                .collect();
+            for k in &keys {
+                self.cache.invalidate(k.as_ref()).await;
+            }
+            self.cache.run_pending_tasks().await;
+            keys.len() as u64
+        })
+    }
+
+    fn purge_all(&self) -> StoreFuture<'_, u64> {
+        Box::pin(async move {
+            let n = self.cache.iter().count() as u64;
+            self.cache.invalidate_all();
+            self.cache.run_pending_tasks().await;
+            n
+        })
+    }
+
+    fn size(&self) -> StoreFuture<'_, (u64, u64)> {
+        Box::pin(async move {
+            self.cache.run_pending_tasks().await;
+            (self.cache.entry_count(), self.cache.weighted_size())
+        })
+    }
+}
+
+type Outcome = Option<Result<Arc<Entry>, GatewayError>>;
+
+/// The cache as the request path sees it: a store plus coalescing of concurrent fetches.
+pub struct PageCache {
+    pub store: Arc<dyn CacheStore>,
+    pub windows: Windows,
+    inflight: Mutex<HashMap<Key, watch::Receiver<Outcome>>>,
+}
+
+/// How a fetch was joined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Join {
+    Leader,
+    Coalesced,
+}
+
+impl PageCache {
+    pub fn new(store: Arc<dyn CacheStore>, windows: Windows) -> Self {
+        Self {
+            store,
+            windows,
+            inflight: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Runs `fetch` once per key however many callers ask at the same time. The fetch runs in its
+    /// own task (a caller that goes away does not cancel it); its entry is stored before anyone
+    /// is answered; every caller waits at most until its own `deadline`.
+    pub async fn fetch<F>(
+        self: &Arc<Self>,
+        key: Key,
+        deadline: Instant,
+        fetch: F,
+    ) -> (Result<Arc<Entry>, GatewayError>, Join)
+    where
+        F: Future<Output = Result<Arc<Entry>, GatewayError>> + Send + 'static,
+    {
+        let (mut rx, join) = {
+            let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            match map.get(&key) {
+                Some(rx) => (rx.clone(), Join::Coalesced),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    map.insert(key.clone(), rx.clone());
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        let result = fetch.await;
+                        if let Ok(entry) = &result {
+                            this.store.insert(key.clone(), entry.clone()).await;
+                        }
+                        this.inflight
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&key);
+                        tx.send_replace(Some(result));
+                    });
+                    (rx, Join::Leader)
+                }
+            }
+        };
+        let waited = tokio::time::timeout_at(deadline, rx.wait_for(Option::is_some)).await;
+        let result = match waited {
+            Ok(Ok(v)) => v.clone().unwrap_or(Err(GatewayError::UpstreamTimeout)),
+            // The fetch task died without answering (a panic): report it as an upstream failure.
+            Ok(Err(_)) => Err(GatewayError::BadGateway("upstream fetch failed".into())),
+            Err(_) => Err(GatewayError::UpstreamTimeout),
+        };
+        (result, join)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn windows() -> Windows {
+        Windows {
+            stale_while_revalidate: Duration::from_secs(60),
+            stale_if_error: Duration::from_secs(3600),
+        }
+    }
+
+    fn entry(status: u16, body: &'static [u8], fresh: u64) -> Arc<Entry> {
+        Arc::new(Entry::new(
+            StatusCode::from_u16(status).unwrap(),
+            crate::respond::JSON,
+            Bytes::from_static(body),
+            Instant::now(),
+            Duration::from_secs(fresh),
+        ))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn freshness_windows() {
+        let w = windows();
+        let e = entry(200, b"{}", 300);
+        assert_eq!(e.freshness(Instant::now(), &w), Freshness::Fresh);
+        tokio::time::advance(Duration::from_secs(300)).await;
+        assert_eq!(e.freshness(Instant::now(), &w), Freshness::Revalidate);
+        assert_eq!(e.fresh_left(Instant::now()), 0);
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!(e.freshness(Instant::now(), &w), Freshness::Stale);
+        assert!(e.usable_on_error(Instant::now(), &w));
+        tokio::time::advance(Duration::from_secs(3540)).await;
+        assert!(!e.usable_on_error(Instant::now(), &w));
+        let neg = entry(400, b"{}", 30);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert_eq!(neg.freshness(Instant::now(), &w), Freshness::Stale);
+        assert!(!neg.usable_on_error(Instant::now(), &w));
+    }
+
+    #[test]
+    fn gzip_round_trip_and_etag() {
+        let body: Vec<u8> = (0..2000)
+            .flat_map(|i| format!("{{\"deviceId\":\"{i}\"}},").into_bytes())
+            .collect();
+        let e = Entry::new(
+            StatusCode::OK,
+            crate::respond::JSON,
+            Bytes::from(body.clone()),
+            Instant::now(),
+            Duration::from_secs(1),
+        );
+        let gz = e.gzip.clone().unwrap();
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz[..]), &mut out).unwrap();
+        assert_eq!(out, body);
+        assert!(e.etag.to_str().unwrap().starts_with('"'));
+        assert!(Entry::new(
+            StatusCode::OK,
+            crate::respond::JSON,
+            Bytes::from_static(b"{}"),
+            Instant::now(),
+            Duration::ZERO
+        )
+        .gzip
+        .is_none());
+    }
+
+    #[tokio::test]
+    async fn weight_stays_within_capacity() {
+        let store = MokaStore::new(64 * 1024, windows());
+        let body = Bytes::from(vec![b'x'; 4000]);
+        for i in 0..160u64 {
+            let e = Arc::new(Entry::new(
+                StatusCode::OK,
+                crate::respond::JSON,
+                body.clone(),
+                Instant::now(),
+                Duration::from_secs(60),
+            ));
+            store
+                .insert(
+                    Key {
+                        kind: Kind::Page,
+                        account: "a".into(),
+                        index: i,
+                    },
+                    e,
+                )
+                .await;
+        }
+        let (entries, bytes) = store.size().await;
+        assert!(bytes <= 64 * 1024, "{bytes}");
+        assert!(entries > 0 && entries < 160);
+    }
+
+    #[tokio::test]
+    async fn purge_one_account() {
+        let store = MokaStore::new(1 << 20, windows());
+        for (acct, i) in [("a", 0), ("a", 1), ("b", 0)] {
+            store
+                .insert(
+                    Key {
+                        kind: Kind::Page,
+                        account: acct.into(),
+                        index: i,
+                    },
+                    entry(200, b"{}", 60),
+                )
+                .await;
+        }
+        assert_eq!(store.purge_account("a").await, 2);
+        assert!(store
+            .get(&Key {
+                kind: Kind::Page,
+                account: "b".into(),
+                index: 0
+            })
+            .await
+            .is_some());
+        assert_eq!(store.purge_all().await, 1);
+    }
+}

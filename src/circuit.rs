@@ -1,0 +1,155 @@
+//! Circuit breaker: `circuit_failures` failed attempts in a row open it for `circuit_open_for`;
+//! then exactly one probe goes through (half-open): success closes it, failure reopens it.
+
+use std::sync::Mutex;
+use std::time::Duration;
+use tokio::time::Instant;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CircuitState {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+impl CircuitState {
+    pub fn label(self) -> &'static str {
+        match self {
+            CircuitState::Closed => "closed",
+            CircuitState::Open => "open",
+            CircuitState::HalfOpen => "half_open",
+        }
+    }
+}
+
+/// Admission to make one attempt. `probe` attempts are the half-open trial and are not retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admission {
+    pub probe: bool,
+}
+
+#[derive(Default)]
+struct State {
+    failures: u32,
+    open_until: Option<Instant>,
+    probing: bool,
+}
+
+pub struct Circuit {
+    threshold: u32,
+    open_for: Duration,
+    state: Mutex<State>,
+}
+
+/// What an attempt's outcome means to the circuit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    Failure,
+    /// Neither (an upstream 429 has its own cooldown).
+    Neutral,
+}
+
+impl Circuit {
+    pub fn new(threshold: u32, open_for: Duration) -> Self {
+        Self {
+            threshold,
+            open_for,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `Err(retry_after)` while open or while the probe is in flight.
+    pub fn admit(&self) -> Result<Admission, Duration> {
+        let mut s = self.lock();
+        let Some(until) = s.open_until else {
+            return Ok(Admission { probe: false });
+        };
+        let now = Instant::now();
+        if now < until {
+            return Err(until - now);
+        }
+        if s.probing {
+            return Err(Duration::from_secs(1));
+        }
+        s.probing = true;
+        Ok(Admission { probe: true })
+    }
+
+    /// Records an attempt; returns `Some(open)` when the circuit changed between open and closed.
+    pub fn record(&self, admission: Admission, outcome: Outcome) -> Option<bool> {
+        let mut s = self.lock();
+        if admission.probe {
+            s.probing = false;
+        }
+        let was_open = s.open_until.is_some();
+        match outcome {
+            Outcome::Success => {
+                s.failures = 0;
+                s.open_until = None;
+            }
+            Outcome::Failure => {
+                s.failures = s.failures.saturating_add(1);
+                if admission.probe || s.failures >= self.threshold {
+                    s.open_until = Some(Instant::now() + self.open_for);
+                }
+            }
+            Outcome::Neutral => {}
+        }
+        let is_open = s.open_until.is_some();
+        (was_open != is_open).then_some(is_open)
+    }
+
+    pub fn state(&self) -> CircuitState {
+        let s = self.lock();
+        match s.open_until {
+            None => CircuitState::Closed,
+            Some(until) if Instant::now() < until => CircuitState::Open,
+            Some(_) => CircuitState::HalfOpen,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn opens_probes_and_closes() {
+        let c = Circuit::new(3, Duration::from_secs(10));
+        let normal = Admission { probe: false };
+        for _ in 0..2 {
+            assert_eq!(c.record(c.admit().unwrap(), Outcome::Failure), None);
+        }
+        assert_eq!(c.record(c.admit().unwrap(), Outcome::Failure), Some(true));
+        assert_eq!(c.state(), CircuitState::Open);
+        assert!(c.admit().is_err());
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(c.state(), CircuitState::HalfOpen);
+        let probe = c.admit().unwrap();
+        assert!(probe.probe);
+        assert!(c.admit().is_err(), "only one probe");
+        // A failed probe reopens at once.
+        assert_eq!(c.record(probe, Outcome::Failure), None);
+        assert_eq!(c.state(), CircuitState::Open);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let probe = c.admit().unwrap();
+        assert_eq!(c.record(probe, Outcome::Success), Some(false));
+        assert_eq!(c.state(), CircuitState::Closed);
+        assert_eq!(c.admit(), Ok(normal));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn success_resets_count_and_neutral_is_ignored() {
+        let c = Circuit::new(2, Duration::from_secs(1));
+        c.record(c.admit().unwrap(), Outcome::Failure);
+        c.record(c.admit().unwrap(), Outcome::Neutral);
+        c.record(c.admit().unwrap(), Outcome::Success);
+        c.record(c.admit().unwrap(), Outcome::Failure);
+        assert_eq!(c.state(), CircuitState::Closed);
+    }
+}

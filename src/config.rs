@@ -1,0 +1,675 @@
+//! Configuration: TOML file + `THINGSPACE_GATEWAY_<SECTION>__<KEY>` overrides + credential env vars.
+//!
+//! Every default lives in the `Default` impls below, next to its struct. [`load`] returns a
+//! validated [`Config`] or one [`ConfigError`] line that names the offending key.
+
+use crate::secret::Secret;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Prefix of the environment variables that override config keys.
+pub const ENV_PREFIX: &str = "THINGSPACE_GATEWAY_";
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+fn err(msg: impl Into<String>) -> ConfigError {
+    ConfigError(msg.into())
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub credentials: CredentialsConfig,
+    pub cache: CacheConfig,
+    pub clients: ClientsConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub max_connections: usize,
+    pub header_read_timeout: Dur,
+    /// Whole client request, waits for budget, tokens and upstream included.
+    pub request_timeout: Dur,
+    /// Client API requests in flight; more are shed with 503 at once instead of queueing.
+    pub max_inflight: usize,
+    pub max_header_bytes: ByteSize,
+    pub shutdown_grace: Dur,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: ([127, 0, 0, 1], 8080).into(),
+            admin_listen: ([127, 0, 0, 1], 9090).into(),
+            max_connections: 10_000,
+            header_read_timeout: Dur::secs(5),
+            request_timeout: Dur::secs(30),
+            max_inflight: 4096,
+            max_header_bytes: ByteSize(16 * 1024),
+            shutdown_grace: Dur::secs(20),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    pub base_url: String,
+    pub connect_timeout: Dur,
+    /// One attempt; retries get their own.
+    pub timeout: Dur,
+    pub retries: u32,
+    pub max_response_bytes: ByteSize,
+    pub ca_file: String,
+    pub rate_per_second: f64,
+    pub burst: u32,
+    pub max_concurrent: usize,
+    pub max_queue_wait: Dur,
+    pub circuit_failures: u32,
+    pub circuit_open_for: Dur,
+    /// Whole-account walks give up (502) past this many pages: a guard against endless cursors.
+    pub max_walk_pages: usize,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            base_url: "https://thingspace.verizon.com".into(),
+            connect_timeout: Dur::secs(3),
+            timeout: Dur::secs(15),
+            retries: 2,
+            max_response_bytes: ByteSize(32 * 1024 * 1024),
+            ca_file: String::new(),
+            rate_per_second: 10.0,
+            burst: 20,
+            max_concurrent: 8,
+            max_queue_wait: Dur::secs(5),
+            circuit_failures: 5,
+            circuit_open_for: Dur::secs(10),
+            max_walk_pages: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CredentialsConfig {
+    pub client_id: String,
+    pub client_secret: Secret,
+    pub client_secret_file: String,
+    pub username: String,
+    pub password: Secret,
+    pub password_file: String,
+    pub session_idle_timeout: Dur,
+    /// Rejected logins in a row before logins pause. ThingSpace locks the account at 5.
+    pub max_failed_logins: u32,
+    pub login_pause: Dur,
+}
+
+impl Default for CredentialsConfig {
+    fn default() -> Self {
+        Self {
+            client_id: String::new(),
+            client_secret: Secret::default(),
+            client_secret_file: String::new(),
+            username: String::new(),
+            password: Secret::default(),
+            password_file: String::new(),
+            session_idle_timeout: Dur::secs(20 * 60),
+            max_failed_logins: 2,
+            login_pause: Dur::secs(15 * 60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    pub max_bytes: ByteSize,
+    pub ttl: Dur,
+    pub stale_while_revalidate: Dur,
+    pub stale_if_error: Dur,
+    pub negative_ttl: Dur,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: ByteSize(256 * 1024 * 1024),
+            ttl: Dur::secs(300),
+            stale_while_revalidate: Dur::secs(60),
+            stale_if_error: Dur::secs(3600),
+            negative_ttl: Dur::secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientMode {
+    Required,
+    None,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientsConfig {
+    pub mode: ClientMode,
+    pub allow_unauthenticated: bool,
+    pub token_ttl: Dur,
+    pub token_signing_key: Secret,
+    pub client: Vec<ClientConfig>,
+}
+
+impl Default for ClientsConfig {
+    fn default() -> Self {
+        Self {
+            mode: ClientMode::Required,
+            allow_unauthenticated: false,
+            token_ttl: Dur::secs(3600),
+            token_signing_key: Secret::default(),
+            client: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    pub id: String,
+    pub secret_sha256: String,
+    pub accounts: Vec<String>,
+    #[serde(default = "default_client_rate")]
+    pub rate_per_second: f64,
+    #[serde(default = "default_client_burst")]
+    pub burst: u32,
+}
+
+fn default_client_rate() -> f64 {
+    50.0
+}
+
+fn default_client_burst() -> u32 {
+    100
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// A duration written as `"500ms"`, `"5s"`, `"20m"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl Dur {
+    pub const fn secs(s: u64) -> Self {
+        Self(Duration::from_secs(s))
+    }
+}
+
+impl Serialize for Dur {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(self.0).to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_duration(&s)
+            .map(Dur)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|e| {
+        format!("invalid duration {s:?} ({e}); write it like \"500ms\", \"5s\", \"20m\"")
+    })
+}
+
+/// A size in bytes: an integer, or a string with a `KiB`/`MiB`/`GiB` suffix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn as_usize(self) -> usize {
+        usize::try_from(self.0).unwrap_or(usize::MAX)
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        const UNITS: [(&str, u64); 3] = [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+        for (unit, n) in UNITS {
+            if self.0 >= n && self.0 % n == 0 {
+                return s.serialize_str(&format!("{}{unit}", self.0 / n));
+            }
+        }
+        s.serialize_str(&self.0.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(ByteSize(n)),
+            Raw::Str(s) => parse_size(&s)
+                .map(ByteSize)
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = [
+        ("GiB", 1u64 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+        ("B", 1),
+    ]
+    .iter()
+    .find_map(|(suf, m)| t.strip_suffix(suf).map(|n| (n.trim(), *m)))
+    .unwrap_or((t, 1));
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| {
+            format!("invalid size {s:?}; write bytes as an integer or like \"16KiB\", \"256MiB\"")
+        })
+}
+
+/// Reads the config: `path` if given (must exist), else `config/gateway.toml` if present, else
+/// the defaults; then env overrides, credential env vars and secret files; then validates.
+pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let text = match path {
+        Some(p) => std::fs::read_to_string(p)
+            .map_err(|e| err(format!("config file {}: {e}", p.display())))?,
+        None => {
+            let default = PathBuf::from("config/gateway.toml");
+            if default.exists() {
+                std::fs::read_to_string(&default)
+                    .map_err(|e| err(format!("config file {}: {e}", default.display())))?
+            } else {
+                String::new()
+            }
+        }
+    };
+    from_toml_with_env(&text, &env)
+}
+
+/// The pure part of [`load`]: TOML text plus an environment, validated.
+pub fn from_toml_with_env(text: &str, env: &[(String, String)]) -> Result<Config, ConfigError> {
+    let mut table: toml::Table =
+        toml::from_str(text).map_err(|e| err(format!("config: {}", one_line(&e.to_string()))))?;
+    apply_env_overrides(&mut table, env)?;
+    let mut cfg: Config = Config::deserialize(toml::Value::Table(table))
+        .map_err(|e| err(format!("config: {}", one_line(&e.to_string()))))?;
+    resolve_credentials(&mut cfg.credentials, &mut cfg.clients, env)?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// `THINGSPACE_GATEWAY_UPSTREAM__BASE_URL=...` sets `upstream.base_url`. The value is typed by
+/// the key's default, so `"0123"` stays a string where the key is a string.
+fn apply_env_overrides(
+    table: &mut toml::Table,
+    env: &[(String, String)],
+) -> Result<(), ConfigError> {
+    let defaults = toml::Table::try_from(Config::default())
+        .map_err(|e| err(format!("internal: defaults do not serialize: {e}")))?;
+    for (name, raw) in env {
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        if rest == "TOKEN_KEY" {
+            continue; // handled by resolve_credentials
+        }
+        let Some((section, key)) = rest.split_once("__") else {
+            return Err(err(format!(
+                "{name}: expected {ENV_PREFIX}<SECTION>__<KEY>"
+            )));
+        };
+        let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
+        let default = defaults
+            .get(&section)
+            .and_then(|s| s.as_table())
+            .and_then(|s| s.get(&key))
+            .ok_or_else(|| err(format!("{name}: unknown key {section}.{key}")))?;
+        let value = match default {
+            toml::Value::String(_) => toml::Value::String(raw.clone()),
+            _ => toml::from_str::<toml::Table>(&format!("v = {raw}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .ok_or_else(|| {
+                    err(format!(
+                        "{name}: {raw:?} is not a valid value for {section}.{key}"
+                    ))
+                })?,
+        };
+        let entry = table
+            .entry(section.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        match entry.as_table_mut() {
+            Some(t) => {
+                t.insert(key, value);
+            }
+            None => return Err(err(format!("{section}: must be a table"))),
+        }
+    }
+    Ok(())
+}
+
+fn env_get<'a>(env: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    env.iter()
+        .find(|(k, v)| k == name && !v.is_empty())
+        .map(|(_, v)| v.as_str())
+}
+
+fn read_secret_file(key: &str, path: &str) -> Result<Secret, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| err(format!("{key}: {path}: {e}")))?;
+    Ok(Secret::new(text.trim_end_matches(['\n', '\r', ' ', '\t'])))
+}
+
+/// Env wins over file, file over inline.
+fn resolve_credentials(
+    c: &mut CredentialsConfig,
+    clients: &mut ClientsConfig,
+    env: &[(String, String)],
+) -> Result<(), ConfigError> {
+    if let Some(v) = env_get(env, "THINGSPACE_CLIENT_ID") {
+        c.client_id = v.to_string();
+    }
+    if let Some(v) = env_get(env, "THINGSPACE_USERNAME") {
+        c.username = v.to_string();
+    }
+    if let Some(v) = env_get(env, "THINGSPACE_CLIENT_SECRET") {
+        c.client_secret = Secret::new(v);
+    } else if !c.client_secret_file.is_empty() {
+        c.client_secret =
+            read_secret_file("credentials.client_secret_file", &c.client_secret_file)?;
+    }
+    if let Some(v) = env_get(env, "THINGSPACE_PASSWORD") {
+        c.password = Secret::new(v);
+    } else if !c.password_file.is_empty() {
+        c.password = read_secret_file("credentials.password_file", &c.password_file)?;
+    }
+    if let Some(v) = env_get(env, "THINGSPACE_GATEWAY_TOKEN_KEY") {
+        clients.token_signing_key = Secret::new(v);
+    }
+    Ok(())
+}
+
+fn positive(key: &str, d: Dur) -> Result<(), ConfigError> {
+    if d.0.is_zero() {
+        return Err(err(format!("{key}: must be greater than 0")));
+    }
+    Ok(())
+}
+
+impl Config {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        if s.max_connections == 0 {
+            return Err(err("server.max_connections: must be at least 1"));
+        }
+        if s.max_inflight == 0 {
+            return Err(err("server.max_inflight: must be at least 1"));
+        }
+        if s.max_header_bytes.0 < 1024 {
+            return Err(err("server.max_header_bytes: must be at least 1KiB"));
+        }
+        positive("server.header_read_timeout", s.header_read_timeout)?;
+        positive("server.request_timeout", s.request_timeout)?;
+        let u = &self.upstream;
+        let url: http::Uri = u
+            .base_url
+            .parse()
+            .map_err(|_| err(format!("upstream.base_url: {:?} is not a URL", u.base_url)))?;
+        match url.scheme_str() {
+            Some("http") | Some("https") if url.host().is_some() => {}
+            _ => {
+                return Err(err(
+                    "upstream.base_url: must be an http:// or https:// URL with a host",
+                ))
+            }
+        }
+        if url.query().is_some() {
+            return Err(err("upstream.base_url: must not have a query string"));
+        }
+        positive("upstream.connect_timeout", u.connect_timeout)?;
+        positive("upstream.timeout", u.timeout)?;
+        if u.retries > 10 {
+            return Err(err("upstream.retries: at most 10"));
+        }
+        if u.max_response_bytes.0 == 0 {
+            return Err(err("upstream.max_response_bytes: must be greater than 0"));
+        }
+        if !u.ca_file.is_empty() && !Path::new(&u.ca_file).is_file() {
+            return Err(err(format!(
+                "upstream.ca_file: {} does not exist",
+                u.ca_file
+            )));
+        }
+        if !(u.rate_per_second.is_finite() && u.rate_per_second > 0.0) {
+            return Err(err(
+                "upstream.rate_per_second: must be a number greater than 0",
+            ));
+        }
+        if u.burst == 0 {
+            return Err(err("upstream.burst: must be at least 1"));
+        }
+        if u.max_concurrent == 0 {
+            return Err(err("upstream.max_concurrent: must be at least 1"));
+        }
+        if u.circuit_failures == 0 {
+            return Err(err("upstream.circuit_failures: must be at least 1"));
+        }
+        positive("upstream.circuit_open_for", u.circuit_open_for)?;
+        if u.max_walk_pages == 0 {
+            return Err(err("upstream.max_walk_pages: must be at least 1"));
+        }
+        let c = &self.credentials;
+        if c.max_failed_logins == 0 || c.max_failed_logins >= 5 {
+            return Err(err(
+                "credentials.max_failed_logins: must be 1 to 4 (ThingSpace locks the account at 5)",
+            ));
+        }
+        positive("credentials.session_idle_timeout", c.session_idle_timeout)?;
+        positive("credentials.login_pause", c.login_pause)?;
+        let k = &self.cache;
+        positive("cache.ttl", k.ttl)?;
+        if k.max_bytes.0 < 1024 {
+            return Err(err("cache.max_bytes: must be at least 1KiB"));
+        }
+        let cl = &self.clients;
+        positive("clients.token_ttl", cl.token_ttl)?;
+        if cl.mode == ClientMode::None && !s.listen.ip().is_loopback() && !cl.allow_unauthenticated
+        {
+            return Err(err(format!(
+                "clients.mode: \"none\" refused: server.listen {} is not loopback \
+                 (set clients.allow_unauthenticated = true to allow it)",
+                s.listen
+            )));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, client) in cl.client.iter().enumerate() {
+            let key = format!("clients.client[{i}]");
+            if client.id.is_empty() || client.id.contains(':') {
+                return Err(err(format!(
+                    "{key}.id: must be non-empty and contain no ':'"
+                )));
+            }
+            if !seen.insert(client.id.as_str()) {
+                return Err(err(format!("{key}.id: duplicate id {:?}", client.id)));
+            }
+            let h = &client.secret_sha256;
+            if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(err(format!(
+                    "{key}.secret_sha256: must be 64 hex digits (from `thingspace-gateway hash-secret`)"
+                )));
+            }
+            if client.accounts.is_empty() {
+                return Err(err(format!(
+                    "{key}.accounts: list at least one account, or \"*\""
+                )));
+            }
+            for a in &client.accounts {
+                if a != "*" && !crate::route::valid_account(a) {
+                    return Err(err(format!(
+                        "{key}.accounts: {a:?} is not a valid account name"
+                    )));
+                }
+            }
+            if !(client.rate_per_second.is_finite() && client.rate_per_second > 0.0)
+                || client.burst == 0
+            {
+                return Err(err(format!(
+                    "{key}.rate_per_second/burst: must be greater than 0"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The effective config as TOML, secrets masked.
+    pub fn to_masked_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = from_toml_with_env("", &[]).unwrap();
+        assert_eq!(c.server.listen.port(), 8080);
+        assert_eq!(c.cache.max_bytes.0, 256 << 20);
+        assert_eq!(c.upstream.timeout.0, Duration::from_secs(15));
+    }
+
+    #[test]
+    fn unknown_key_names_it() {
+        let e = from_toml_with_env("[server]\nlistn = \"x\"\n", &[]).unwrap_err();
+        assert!(e.0.contains("listn"), "{e}");
+    }
+
+    #[test]
+    fn env_overrides_typed_by_default() {
+        let c = from_toml_with_env(
+            "",
+            &env(&[
+                (
+                    "THINGSPACE_GATEWAY_UPSTREAM__BASE_URL",
+                    "http://127.0.0.1:1",
+                ),
+                ("THINGSPACE_GATEWAY_UPSTREAM__BURST", "7"),
+                ("THINGSPACE_GATEWAY_CACHE__TTL", "2s"),
+                ("THINGSPACE_GATEWAY_CREDENTIALS__CLIENT_ID", "0123"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.upstream.base_url, "http://127.0.0.1:1");
+        assert_eq!(c.upstream.burst, 7);
+        assert_eq!(c.cache.ttl.0, Duration::from_secs(2));
+        assert_eq!(c.credentials.client_id, "0123");
+        let e =
+            from_toml_with_env("", &env(&[("THINGSPACE_GATEWAY_CACHE__NOPE", "1")])).unwrap_err();
+        assert!(e.0.contains("cache.nope"), "{e}");
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("16KiB").unwrap(), 16384);
+        assert_eq!(parse_size("2 MiB").unwrap(), 2 << 20);
+        assert_eq!(parse_size("100").unwrap(), 100);
+        assert!(parse_size("1TB").is_err());
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        let c = from_toml_with_env("[cache]\nmax_bytes = 4096\n", &[]).unwrap();
+        assert_eq!(c.cache.max_bytes.0, 4096);
+    }
+
+    #[test]
+    fn credential_env_wins_and_is_masked() {
+        let c = from_toml_with_env(
+            "[credentials]\nclient_secret = \"inline\"\n",
+            &env(&[("THINGSPACE_CLIENT_SECRET", "from-env")]),
+        )
+        .unwrap();
+        assert_eq!(c.credentials.client_secret.expose(), "from-env");
+        let shown = c.to_masked_toml();
+        assert!(
+            !shown.contains("from-env") && !shown.contains("inline"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn mode_none_needs_loopback() {
+        let e = from_toml_with_env(
+            "[server]\nlisten = \"0.0.0.0:8080\"\n[clients]\nmode = \"none\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.0.starts_with("clients.mode"), "{e}");
+        from_toml_with_env(
+            "[server]\nlisten = \"0.0.0.0:8080\"\n[clients]\nmode = \"none\"\nallow_unauthenticated = true\n",
+            &[],
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn max_failed_logins_below_lockout() {
+        let e = from_toml_with_env("[credentials]\nmax_failed_logins = 5\n", &[]).unwrap_err();
+        assert!(e.0.starts_with("credentials.max_failed_logins"), "{e}");
+    }
+}

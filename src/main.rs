@@ -1,0 +1,271 @@
+//! The `thingspace-gateway` command: serve, demo, sim, check-config, hash-secret.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use thingspace_gateway::app::Running;
+use thingspace_gateway::config::{self, Config, LogFormat};
+use thingspace_gateway::sim::{SimOptions, Simulator};
+
+#[derive(Parser)]
+#[command(
+    name = "thingspace-gateway",
+    version,
+    about = "Caching reverse proxy for ThingSpace's FOTA license API"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        /// Config file (default: config/gateway.toml if present, else built-in defaults).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Run the built-in simulator and a gateway wired to it, on loopback.
+    Demo,
+    /// Run the ThingSpace simulator alone.
+    Sim(Box<SimArgs>),
+    /// Validate the config and print the effective config, secrets masked.
+    CheckConfig {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Read a client secret on stdin and print its `secret_sha256`.
+    HashSecret,
+}
+
+#[derive(clap::Args)]
+struct SimArgs {
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    listen: std::net::SocketAddr,
+    #[arg(long, default_value_t = 3)]
+    accounts: usize,
+    #[arg(long, default_value_t = 2500)]
+    devices: usize,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[arg(long, default_value_t = 1000)]
+    page_size: usize,
+    #[arg(long, default_value = "demo-key")]
+    client_id: String,
+    #[arg(long, default_value = "demo-secret")]
+    client_secret: String,
+    #[arg(long, default_value = "demo-user")]
+    username: String,
+    #[arg(long, default_value = "demo-pass")]
+    password: String,
+    #[arg(long, default_value = "1h", value_parser = duration)]
+    token_ttl: Duration,
+    #[arg(long, default_value = "20m", value_parser = duration)]
+    session_idle: Duration,
+    /// Requests per second before answering 429 (default: unlimited).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Bucket size of the rate limiter (default: one second of --rate).
+    #[arg(long)]
+    burst: Option<u32>,
+    #[arg(long, default_value = "0ms", value_parser = duration)]
+    latency: Duration,
+    /// Serve HTTPS with a generated certificate, written here as PEM.
+    #[arg(long)]
+    tls_cert_out: Option<PathBuf>,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    config::parse_duration(s)
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match cli.command {
+        Command::CheckConfig { config } => match config::load(config.as_deref()) {
+            Ok(cfg) => {
+                print!("{}", cfg.to_masked_toml());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("invalid config: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::HashSecret => {
+            let mut secret = String::new();
+            if std::io::stdin().read_to_string(&mut secret).is_err() {
+                eprintln!("cannot read the secret from stdin");
+                return ExitCode::from(2);
+            }
+            let secret = secret.trim_end_matches(['\n', '\r']);
+            if secret.is_empty() {
+                eprintln!("empty secret on stdin");
+                return ExitCode::from(2);
+            }
+            println!("{}", thingspace_gateway::clients::sha256_hex(secret));
+            ExitCode::SUCCESS
+        }
+        Command::Serve { config } => {
+            let cfg = match config::load(config.as_deref()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("invalid config: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            init_logging(cfg.log.format);
+            run(serve(cfg))
+        }
+        Command::Demo => {
+            init_logging(LogFormat::Text);
+            run(demo())
+        }
+        Command::Sim(args) => {
+            init_logging(LogFormat::Text);
+            run(sim(args))
+        }
+    }
+}
+
+fn run(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(fut) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn serve(cfg: Config) -> anyhow::Result<()> {
+    thingspace_gateway::tls::install_crypto_provider();
+    let grace = cfg.server.shutdown_grace.0;
+    let running = Running::start(cfg).await?;
+    tracing::info!(listen = %running.addr, admin = %running.admin_addr, "thingspace-gateway serving");
+    stop_signal().await;
+    tracing::info!(grace = ?grace, "signal received: draining in-flight requests");
+    running.stop().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The embedded demo config: the simulator's default credentials, open clients on loopback.
+const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
+
+async fn demo() -> anyhow::Result<()> {
+    thingspace_gateway::tls::install_crypto_provider();
+    let sim = Simulator::start(SimOptions::default())
+        .await
+        .context("starting the simulator on 127.0.0.1:8081")?;
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let cfg = config::from_toml_with_env(DEMO_CONFIG, &env)
+        .map_err(|e| anyhow::anyhow!("demo config: {e}"))?;
+    let running = Running::start(cfg).await?;
+    let accounts = sim.account_names();
+    let first = accounts.first().cloned().unwrap_or_default();
+    let gw = running.base_url();
+    let admin = running.admin_url();
+    println!(
+        "ThingSpace simulator: {} (accounts: {})",
+        sim.base_url(),
+        accounts.join(", ")
+    );
+    println!("Gateway:               {gw}");
+    println!("Admin:                 {admin}");
+    println!();
+    println!("Try:");
+    println!("  curl -si {gw}/api/fota/v1/licenses/{first}/index/0 | head -n 12");
+    println!("  curl -s  {gw}/gateway/v1/accounts/{first}/licenses | head -c 300; echo");
+    println!("  curl -s  {gw}/api/fota/v1/subscriptions/{first}; echo");
+    println!("  curl -s  {admin}/status; echo");
+    println!("  curl -s  {admin}/metrics | grep thingspace_gateway_cache_lookups_total");
+    println!();
+    println!("Ctrl-C to stop.");
+    stop_signal().await;
+    running.stop().await;
+    sim.stop().await;
+    Ok(())
+}
+
+async fn sim(a: Box<SimArgs>) -> anyhow::Result<()> {
+    let opts = SimOptions {
+        listen: a.listen,
+        accounts: a.accounts,
+        devices: a.devices,
+        seed: a.seed,
+        page_size: a.page_size,
+        client_id: a.client_id,
+        client_secret: a.client_secret,
+        username: a.username,
+        password: a.password,
+        token_ttl: a.token_ttl,
+        session_idle: a.session_idle,
+        rate: a.rate,
+        burst: a.burst,
+        latency: a.latency,
+        tls_cert_out: a.tls_cert_out,
+    };
+    let sim = Simulator::start(opts).await?;
+    println!("thingspace simulator listening on {}", sim.base_url());
+    println!("accounts: {}", sim.account_names().join(" "));
+    stop_signal().await;
+    sim.stop().await;
+    Ok(())
+}

@@ -1,0 +1,100 @@
+//! Response building blocks shared by the client API, the admin API and the simulator.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use hyper::body::{Frame, SizeHint};
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+/// A response body made of shared `Bytes` chunks: a cache hit hands out the cached buffer
+/// itself, and a merged account document is a list of slices of cached pages. Nothing is copied.
+#[derive(Debug, Default)]
+pub struct Body {
+    chunks: VecDeque<Bytes>,
+}
+
+impl Body {
+    pub fn new(bytes: Bytes) -> Self {
+        let mut chunks = VecDeque::with_capacity(1);
+        if !bytes.is_empty() {
+            chunks.push_back(bytes);
+        }
+        Self { chunks }
+    }
+
+    pub fn from_chunks(chunks: impl IntoIterator<Item = Bytes>) -> Self {
+        Self {
+            chunks: chunks.into_iter().filter(|c| !c.is_empty()).collect(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.chunks.iter().map(Bytes::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    /// The chunks themselves (tests check that they share the cached buffers).
+    pub fn chunks(&self) -> impl Iterator<Item = &Bytes> {
+        self.chunks.iter()
+    }
+}
+
+impl From<Bytes> for Body {
+    fn from(b: Bytes) -> Self {
+        Body::new(b)
+    }
+}
+
+impl hyper::body::Body for Body {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Poll::Ready(self.chunks.pop_front().map(|c| Ok(Frame::data(c))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.len() as u64)
+    }
+}
+
+pub const JSON: HeaderValue = HeaderValue::from_static("application/json");
+
+pub fn json_bytes(v: &serde_json::Value) -> Bytes {
+    Bytes::from(serde_json::to_vec(v).unwrap_or_default())
+}
+
+pub fn json(status: StatusCode, body: Bytes) -> Response<Body> {
+    let mut r = Response::new(Body::new(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, JSON);
+    r
+}
+
+pub fn json_value(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
+    json(status, json_bytes(v))
+}
+
+pub fn text(
+    status: StatusCode,
+    body: impl Into<Bytes>,
+    content_type: &'static str,
+) -> Response<Body> {
+    let mut r = Response::new(Body::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}

@@ -1,0 +1,666 @@
+//! The ThingSpace simulator (SPEC §8): a faithful stand-in for the upstream, for `demo`, tests,
+//! benchmarks and local development. Tests start it in-process on port 0.
+//!
+//! It serves the OAuth token, session login, license page and subscription endpoints with
+//! ThingSpace's shapes and errors, locks a user after five failed logins, and has a control API
+//! under `/_sim/` to count calls and inject faults.
+
+pub mod control;
+pub mod data;
+
+use crate::respond::{json, json_value, Body};
+use crate::server::{serve, Handler, ServeOptions, Shutdown};
+use base64::Engine;
+use bytes::Bytes;
+use control::{AbortConnection, Fault, FaultKind, FaultRequest, Stats};
+use data::{Account, Cursor};
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use serde_json::json;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Lock a std mutex, recovering the data if a panicking holder poisoned it.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[derive(Debug, Clone)]
+pub struct SimOptions {
+    pub listen: SocketAddr,
+    pub accounts: usize,
+    pub devices: usize,
+    pub seed: u64,
+    pub page_size: usize,
+    pub client_id: String,
+    pub client_secret: String,
+    pub username: String,
+    pub password: String,
+    pub token_ttl: Duration,
+    pub session_idle: Duration,
+    /// Requests per second before answering 429; `None` is unlimited.
+    pub rate: Option<f64>,
+    /// Bucket size of the limiter; defaults to one second of `rate`.
+    pub burst: Option<u32>,
+    pub latency: Duration,
+    pub tls_cert_out: Option<PathBuf>,
+}
+
+impl Default for SimOptions {
+    fn default() -> Self {
+        Self {
+            listen: ([127, 0, 0, 1], 8081).into(),
+            accounts: 3,
+            devices: 2500,
+            seed: 1,
+            page_size: 1000,
+            client_id: "demo-key".into(),
+            client_secret: "demo-secret".into(),
+            username: "demo-user".into(),
+            password: "demo-pass".into(),
+            token_ttl: Duration::from_secs(3600),
+            session_idle: Duration::from_secs(20 * 60),
+            rate: None,
+            burst: None,
+            latency: Duration::ZERO,
+            tls_cert_out: None,
+        }
+    }
+}
+
+/// ThingSpace locks a user after this many failed logins in a row.
+pub const LOCK_AFTER: u32 = 5;
+
+#[derive(Default)]
+struct Auth {
+    bearer: Option<(String, Instant)>,
+    sessions: HashMap<String, Instant>,
+    failed_logins: u32,
+    locked: bool,
+}
+
+struct Limiter {
+    rate: Option<f64>,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Limiter {
+    fn new(rate: Option<f64>, burst: Option<u32>) -> Self {
+        let burst = burst
+            .map(f64::from)
+            .unwrap_or_else(|| rate.unwrap_or(1.0).max(1.0));
+        Limiter {
+            rate,
+            burst,
+            tokens: burst,
+            last: Instant::now(),
+        }
+    }
+
+    /// `Err(wait)` when over the rate.
+    fn take(&mut self) -> Result<(), Duration> {
+        let Some(rate) = self.rate.filter(|r| *r > 0.0) else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * rate).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / rate))
+        }
+    }
+}
+
+pub struct SimState {
+    opts: SimOptions,
+    accounts: Vec<Account>,
+    by_name: HashMap<String, usize>,
+    auth: Mutex<Auth>,
+    faults: Mutex<Vec<Fault>>,
+    stats: Mutex<Stats>,
+    limiter: Mutex<Limiter>,
+    latency: Mutex<Duration>,
+}
+
+/// A running simulator.
+pub struct Simulator {
+    pub addr: SocketAddr,
+    pub tls: bool,
+    state: Arc<SimState>,
+    shutdown: Shutdown,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Simulator {
+    /// Binds `opts.listen` and serves in the background until dropped or [`Simulator::stop`].
+    pub async fn start(opts: SimOptions) -> anyhow::Result<Simulator> {
+        let accounts = data::generate(opts.accounts, opts.devices, opts.seed);
+        let by_name = accounts
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (a.name.clone(), i))
+            .collect();
+        let tls = match &opts.tls_cert_out {
+            Some(path) => Some(self_signed_acceptor(path)?),
+            None => None,
+        };
+        let listener = tokio::net::TcpListener::bind(opts.listen).await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(SimState {
+            limiter: Mutex::new(Limiter::new(opts.rate, opts.burst)),
+            latency: Mutex::new(opts.latency),
+            opts,
+            accounts,
+            by_name,
+            auth: Mutex::new(Auth::default()),
+            faults: Mutex::new(Vec::new()),
+            stats: Mutex::new(Stats::default()),
+        });
+        let shutdown = Shutdown::new();
+        let serve_opts = ServeOptions {
+            header_read_timeout: Duration::from_secs(30),
+            tls: tls.clone(),
+            ..ServeOptions::default()
+        };
+        let task = tokio::spawn(serve(
+            listener,
+            serve_opts,
+            state.clone(),
+            shutdown.clone(),
+            Duration::from_secs(1),
+        ));
+        Ok(Simulator {
+            addr,
+            tls: tls.is_some(),
+            state,
+            shutdown,
+            task: Some(task),
+        })
+    }
+
+    pub fn base_url(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    pub fn account_names(&self) -> Vec<String> {
+        self.state.accounts.iter().map(|a| a.name.clone()).collect()
+    }
+
+    /// The IMEIs of an account, sorted.
+    pub fn imeis(&self, account: &str) -> Vec<u64> {
+        self.state
+            .by_name
+            .get(account)
+            .map(|&i| self.state.accounts[i].imeis.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn stats(&self) -> serde_json::Value {
+        lock(&self.state.stats).to_json()
+    }
+
+    /// Requests seen at one endpoint (`licenses`, `subscriptions`, `oauth_token`, `session_login`).
+    pub fn count(&self, endpoint: &str) -> u64 {
+        lock(&self.state.stats).count(endpoint, None)
+    }
+
+    /// Requests at one endpoint answered with one status.
+    pub fn count_status(&self, endpoint: &str, status: u16) -> u64 {
+        lock(&self.state.stats).count(endpoint, Some(status))
+    }
+
+    pub fn max_concurrency(&self) -> u64 {
+        lock(&self.state.stats).max_concurrency
+    }
+
+    /// The headers of the last request at an endpoint, lower-case names.
+    pub fn last_headers(&self, endpoint: &str) -> Vec<(String, String)> {
+        lock(&self.state.stats)
+            .last_headers
+            .get(endpoint)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub fn apply(&self, req: FaultRequest) -> Result<(), String> {
+        self.state.apply(req)
+    }
+
+    pub fn reset(&self) {
+        self.state.reset();
+    }
+
+    pub async fn stop(mut self) {
+        self.shutdown.trigger();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Simulator {
+    fn drop(&mut self) {
+        self.shutdown.trigger();
+    }
+}
+
+fn self_signed_acceptor(path: &PathBuf) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    crate::tls::install_crypto_provider();
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
+    std::fs::write(path, cert.cert.pem())?;
+    let key = rustls::pki_types::PrivateKeyDer::try_from(cert.signing_key.serialize_der())
+        .map_err(|e| anyhow::anyhow!("simulator key: {e}"))?;
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.cert.der().clone()], key)?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+fn fault_401(code: &str) -> Response<Body> {
+    let message = if code == "900902" {
+        "Missing Credentials"
+    } else {
+        "Invalid Credentials"
+    };
+    json_value(
+        StatusCode::UNAUTHORIZED,
+        &json!({"fault": {
+            "code": code,
+            "message": message,
+            "description": format!("{message}. Make sure your API invocation call has a header: 'Authorization : Bearer ACCESS_TOKEN' or 'Authorization : Basic ACCESS_TOKEN'"),
+        }}),
+    )
+}
+
+fn error_400(code: &str, message: &str) -> Response<Body> {
+    json_value(
+        StatusCode::BAD_REQUEST,
+        &json!({"errorCode": code, "errorMessage": message}),
+    )
+}
+
+fn random_token() -> String {
+    let mut b = [0u8; 18];
+    for x in &mut b {
+        *x = fastrand::u8(..);
+    }
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
+fn header_str<'a>(h: &'a HeaderMap, name: &header::HeaderName) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Which endpoint a request is for (the stats and fault key).
+fn endpoint_of(method: &Method, path: &str) -> Option<&'static str> {
+    match (method, path) {
+        (&Method::POST, "/api/ts/v1/oauth2/token") => Some("oauth_token"),
+        (&Method::POST, "/api/m2m/v1/session/login") => Some("session_login"),
+        (&Method::GET, p) if p.starts_with("/api/fota/v1/licenses/") => Some("licenses"),
+        (&Method::GET, p) if p.starts_with("/api/fota/v1/subscriptions/") => Some("subscriptions"),
+        _ => None,
+    }
+}
+
+impl Handler for SimState {
+    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        let path = req.uri().path().to_string();
+        if let Some(rest) = path.strip_prefix("/_sim/") {
+            return self.control(req, rest.to_string()).await;
+        }
+        let Some(endpoint) = endpoint_of(req.method(), &path) else {
+            return json_value(
+                StatusCode::NOT_FOUND,
+                &json!({"errorCode": "NOT_FOUND", "errorMessage": "Resource not found"}),
+            );
+        };
+        let _inflight = lock(&self.stats).enter(endpoint, req.headers());
+        let latency = *lock(&self.latency);
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+        let resp = self.answer(endpoint, req, &path).await;
+        let status = if resp.extensions().get::<AbortConnection>().is_some() {
+            0 // connection closed without an answer
+        } else {
+            resp.status().as_u16()
+        };
+        lock(&self.stats).record(endpoint, status);
+        drop(_inflight);
+        resp
+    }
+}
+
+impl SimState {
+    async fn answer(
+        &self,
+        endpoint: &'static str,
+        req: Request<Incoming>,
+        path: &str,
+    ) -> Response<Body> {
+        let fault = control::take_fault(&mut lock(&self.faults), endpoint);
+        let mut loop_cursor = false;
+        if let Some(kind) = fault {
+            match kind {
+                FaultKind::Status {
+                    status,
+                    body,
+                    retry_after,
+                } => {
+                    let mut r = json(
+                        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                        body,
+                    );
+                    if let Some(ra) = retry_after.and_then(|v| HeaderValue::from_str(&v).ok()) {
+                        r.headers_mut().insert(header::RETRY_AFTER, ra);
+                    }
+                    return r;
+                }
+                FaultKind::Hang(d) => {
+                    tokio::time::sleep(d).await;
+                    return json(StatusCode::GATEWAY_TIMEOUT, Bytes::from_static(b"{}"));
+                }
+                FaultKind::Close => {
+                    let mut r = Response::new(Body::default());
+                    r.extensions_mut().insert(AbortConnection);
+                    return r;
+                }
+                FaultKind::Malformed => {
+                    return crate::respond::text(
+                        StatusCode::OK,
+                        Bytes::from_static(
+                            b"<html><body>Service Temporarily Unavailable</body></html>",
+                        ),
+                        "text/html",
+                    );
+                }
+                FaultKind::Oversized(n) => {
+                    let mut body = Vec::with_capacity(n + 16);
+                    body.extend_from_slice(b"{\"pad\":\"");
+                    body.resize(n.saturating_sub(2).max(8), b'x');
+                    body.extend_from_slice(b"\"}");
+                    return json(StatusCode::OK, Bytes::from(body));
+                }
+                FaultKind::LoopCursor => loop_cursor = true,
+            }
+        }
+        let throttled = lock(&self.limiter).take();
+        if let Err(wait) = throttled {
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            let mut r = json_value(
+                StatusCode::TOO_MANY_REQUESTS,
+                &json!({"errorCode": "REQUEST_THROTTLED", "errorMessage": "Too many requests"}),
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            return r;
+        }
+        match endpoint {
+            "oauth_token" => self.oauth_token(req).await,
+            "session_login" => self.session_login(req).await,
+            _ => self.fota(endpoint, req.headers(), path, loop_cursor),
+        }
+    }
+
+    async fn oauth_token(&self, req: Request<Incoming>) -> Response<Body> {
+        let basic = header_str(req.headers(), &header::AUTHORIZATION)
+            .and_then(|v| v.strip_prefix("Basic "))
+            .map(str::to_string);
+        let body = match req.into_body().collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => return error_400("invalid_request", "unreadable body"),
+        };
+        let Some(basic) = basic else {
+            return fault_401("900902");
+        };
+        let expected = base64::engine::general_purpose::STANDARD.encode(format!(
+            "{}:{}",
+            self.opts.client_id, self.opts.client_secret
+        ));
+        if basic.trim() != expected {
+            return fault_401("900901");
+        }
+        let grant_ok = std::str::from_utf8(&body)
+            .map(|s| s.split('&').any(|kv| kv == "grant_type=client_credentials"))
+            .unwrap_or(false);
+        if !grant_ok {
+            return json_value(
+                StatusCode::BAD_REQUEST,
+                &json!({"error": "unsupported_grant_type", "error_description": "Unsupported grant_type value"}),
+            );
+        }
+        let now = Instant::now();
+        let mut auth = lock(&self.auth);
+        let (token, expires) = match &auth.bearer {
+            Some((t, exp)) if *exp > now => (t.clone(), *exp),
+            _ => {
+                let t = random_token();
+                let exp = now + self.opts.token_ttl;
+                auth.bearer = Some((t.clone(), exp));
+                (t, exp)
+            }
+        };
+        json_value(
+            StatusCode::OK,
+            &json!({
+                "access_token": token,
+                "token_type": "Bearer",
+                "expires_in": expires.duration_since(now).as_secs(),
+                "scope": "discovery:read serviceprofile:read serviceprofile:write",
+            }),
+        )
+    }
+
+    /// `Err` is the fault code of the 401 to answer.
+    fn check_bearer(&self, headers: &HeaderMap) -> Result<(), &'static str> {
+        let Some(token) =
+            header_str(headers, &header::AUTHORIZATION).and_then(|v| v.strip_prefix("Bearer "))
+        else {
+            return Err("900902");
+        };
+        match &lock(&self.auth).bearer {
+            Some((t, exp)) if t == token.trim() && *exp > Instant::now() => Ok(()),
+            _ => Err("900901"),
+        }
+    }
+
+    async fn session_login(&self, req: Request<Incoming>) -> Response<Body> {
+        if let Err(code) = self.check_bearer(req.headers()) {
+            return fault_401(code);
+        }
+        let body = match req.into_body().collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => return error_400("REQUEST_FAILED.UnexpectedError", "unreadable body"),
+        };
+        #[derive(serde::Deserialize)]
+        struct Login {
+            username: String,
+            password: String,
+        }
+        let Ok(login) = serde_json::from_slice::<Login>(&body) else {
+            return error_400(
+                "UnifiedWebService.REQUEST_FAILED.InvalidRequest",
+                "Request body is invalid",
+            );
+        };
+        let mut auth = lock(&self.auth);
+        if auth.locked {
+            return error_400(
+                "UnifiedWebService.REQUEST_FAILED.UserLocked",
+                "User account is locked after too many failed login attempts",
+            );
+        }
+        if login.username != self.opts.username || login.password != self.opts.password {
+            auth.failed_logins += 1;
+            if auth.failed_logins >= LOCK_AFTER {
+                auth.locked = true;
+            }
+            return error_400(
+                "UnifiedWebService.REQUEST_FAILED.InvalidCredentials",
+                "Invalid username or password",
+            );
+        }
+        auth.failed_logins = 0;
+        let token = random_token();
+        auth.sessions.insert(token.clone(), Instant::now());
+        json_value(StatusCode::OK, &json!({"sessionToken": token}))
+    }
+
+    fn fota(
+        &self,
+        endpoint: &str,
+        headers: &HeaderMap,
+        path: &str,
+        loop_cursor: bool,
+    ) -> Response<Body> {
+        if let Err(code) = self.check_bearer(headers) {
+            return fault_401(code);
+        }
+        let session = headers.get("vz-m2m-token").and_then(|v| v.to_str().ok());
+        {
+            let mut auth = lock(&self.auth);
+            let now = Instant::now();
+            let idle = self.opts.session_idle;
+            match session.and_then(|s| auth.sessions.get_mut(s)) {
+                Some(last) if now.duration_since(*last) < idle => *last = now,
+                _ => {
+                    return error_400(
+                        "UnifiedWebService.REQUEST_FAILED.SessionToken.Expired",
+                        "Session token is expired or invalid",
+                    )
+                }
+            }
+        }
+        let not_found = || {
+            error_400(
+                "UnifiedWebService.REQUEST_FAILED.AccountNotFound",
+                "Account not found",
+            )
+        };
+        if endpoint == "subscriptions" {
+            let name = path.trim_start_matches("/api/fota/v1/subscriptions/");
+            return match self.by_name.get(name) {
+                Some(&i) => json(StatusCode::OK, self.accounts[i].subscription.clone()),
+                None => not_found(),
+            };
+        }
+        let rest = path.trim_start_matches("/api/fota/v1/licenses/");
+        let (name, index) = match rest.split('/').collect::<Vec<_>>()[..] {
+            [name, "index", index] => (name, index),
+            _ => return error_400("INVALID_PARAMETER", "Invalid request path"),
+        };
+        let Some(&ai) = self.by_name.get(name) else {
+            return if crate::route::valid_account(name) {
+                not_found()
+            } else {
+                error_400("INVALID_PARAMETER", "Invalid account name format")
+            };
+        };
+        let Some(start) = crate::route::parse_u64_param(index) else {
+            return error_400("INVALID_PARAMETER", "Invalid index value");
+        };
+        let account = &self.accounts[ai];
+        match account.cursor(start) {
+            Cursor::From(offset) => json(
+                StatusCode::OK,
+                account.page(offset, self.opts.page_size, loop_cursor.then_some(start)),
+            ),
+            Cursor::Invalid => error_400("INVALID_PARAMETER", "LastSeenDeviceId Not Valid"),
+        }
+    }
+
+    async fn control(&self, req: Request<Incoming>, what: String) -> Response<Body> {
+        match (req.method().clone(), what.as_str()) {
+            (Method::GET, "accounts") => {
+                let list: Vec<_> = self
+                    .accounts
+                    .iter()
+                    .map(|a| {
+                        json!({
+                            "accountName": a.name,
+                            "devices": a.imeis.len(),
+                            "firstDeviceId": a.imeis.first().map(|i| i.to_string()),
+                            "lastDeviceId": a.imeis.last().map(|i| i.to_string()),
+                        })
+                    })
+                    .collect();
+                json_value(StatusCode::OK, &json!(list))
+            }
+            (Method::GET, "stats") => json_value(StatusCode::OK, &lock(&self.stats).to_json()),
+            (Method::POST, "reset") => {
+                self.reset();
+                json_value(StatusCode::OK, &json!({"reset": true}))
+            }
+            (Method::POST, "faults") => {
+                let body = match req.into_body().collect().await {
+                    Ok(b) => b.to_bytes(),
+                    Err(_) => return error_400("INVALID_PARAMETER", "unreadable body"),
+                };
+                let parsed: Result<FaultRequest, _> = serde_json::from_slice(&body);
+                match parsed
+                    .map_err(|e| e.to_string())
+                    .and_then(|f| self.apply(f))
+                {
+                    Ok(()) => json_value(StatusCode::OK, &json!({"ok": true})),
+                    Err(e) => error_400("INVALID_PARAMETER", &e),
+                }
+            }
+            _ => json_value(
+                StatusCode::NOT_FOUND,
+                &json!({"errorCode": "NOT_FOUND", "errorMessage": "unknown control route"}),
+            ),
+        }
+    }
+
+    fn apply(&self, f: FaultRequest) -> Result<(), String> {
+        if let Some(fault) = f.fault()? {
+            lock(&self.faults).push(fault);
+        }
+        let mut auth = lock(&self.auth);
+        if f.expire_sessions {
+            auth.sessions.clear();
+        }
+        if f.revoke_tokens {
+            auth.bearer = None;
+        }
+        if f.unlock_users {
+            auth.locked = false;
+            auth.failed_logins = 0;
+        }
+        drop(auth);
+        if f.rate.is_some() || f.burst.is_some() {
+            let mut l = lock(&self.limiter);
+            let rate = match f.rate {
+                Some(r) if r > 0.0 => Some(r),
+                Some(_) => None,
+                None => l.rate,
+            };
+            *l = Limiter::new(rate, f.burst);
+        }
+        if let Some(lat) = &f.latency {
+            *lock(&self.latency) = crate::config::parse_duration(lat)?;
+        }
+        Ok(())
+    }
+
+    fn reset(&self) {
+        *lock(&self.auth) = Auth::default();
+        lock(&self.faults).clear();
+        lock(&self.stats).reset();
+        *lock(&self.limiter) = Limiter::new(self.opts.rate, self.opts.burst);
+        *lock(&self.latency) = self.opts.latency;
+    }
+}

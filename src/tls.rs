@@ -1,0 +1,35 @@
+//! rustls set-up: one crypto provider (ring) for the whole process, and the upstream client config.
+
+use std::sync::Arc;
+
+/// Installs ring as the process-wide rustls provider. Idempotent; an already installed provider
+/// is kept (DEPENDENCIES.md: two providers in one process panic at start-up).
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Client config with webpki roots, plus the PEM certificates in `ca_file` when set.
+/// Certificate verification is always on.
+pub fn client_config(ca_file: &str) -> anyhow::Result<rustls::ClientConfig> {
+    install_crypto_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if !ca_file.is_empty() {
+        let pem = std::fs::read(ca_file)
+            .map_err(|e| anyhow::anyhow!("upstream.ca_file: {ca_file}: {e}"))?;
+        let mut added = 0;
+        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+            let cert = cert.map_err(|e| anyhow::anyhow!("upstream.ca_file: {ca_file}: {e}"))?;
+            roots
+                .add(cert)
+                .map_err(|e| anyhow::anyhow!("upstream.ca_file: {ca_file}: {e}"))?;
+            added += 1;
+        }
+        if added == 0 {
+            anyhow::bail!("upstream.ca_file: {ca_file}: no PEM certificate found");
+        }
+    }
+    Ok(rustls::ClientConfig::builder()
+        .with_root_certificates(Arc::new(roots))
+        .with_no_client_auth())
+}

@@ -1,0 +1,323 @@
+//! Every upstream call goes through [`Upstream::call`]: 429 cooldown → circuit → budget →
+//! one attempt (timed, metered) → classification → retry with full-jitter backoff.
+
+use crate::budget::Budget;
+use crate::circuit::{Admission, Circuit, CircuitState, Outcome};
+use crate::error::{GatewayError, Throttle};
+use crate::metrics::{Endpoint, Metrics};
+use crate::transport::{OutRequest, RawResponse, Transport, TransportError};
+use http::{HeaderMap, Method, StatusCode};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tokio::time::Instant;
+
+/// Used when a 429 carries no usable `Retry-After`.
+pub const DEFAULT_COOLDOWN: Duration = Duration::from_secs(30);
+/// The longest cooldown a `Retry-After` may ask for.
+pub const MAX_COOLDOWN: Duration = Duration::from_secs(600);
+const BACKOFF_BASE: Duration = Duration::from_millis(50);
+const BACKOFF_CAP: Duration = Duration::from_secs(2);
+
+pub struct UpstreamSettings {
+    pub timeout: Duration,
+    pub retries: u32,
+    pub max_queue_wait: Duration,
+}
+
+pub struct Upstream {
+    transport: Arc<dyn Transport>,
+    budget: Arc<dyn Budget>,
+    circuit: Circuit,
+    cooldown_until: Mutex<Option<Instant>>,
+    metrics: Metrics,
+    settings: UpstreamSettings,
+}
+
+/// Full-jitter exponential backoff: uniform in `[0, min(cap, base * 2^attempt)]`.
+pub fn full_jitter(base: Duration, cap: Duration, attempt: u32) -> Duration {
+    let ceiling = base.saturating_mul(1u32 << attempt.min(20)).min(cap);
+    ceiling.mul_f64(fastrand::f64())
+}
+
+/// `Retry-After` as seconds or an HTTP date; 30 s when absent or unreadable; capped at 10 min.
+pub fn parse_retry_after(headers: &HeaderMap) -> Duration {
+    let Some(v) = headers
+        .get(http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return DEFAULT_COOLDOWN;
+    };
+    let v = v.trim();
+    let d = if let Ok(secs) = v.parse::<u64>() {
+        Duration::from_secs(secs)
+    } else if let Ok(at) = httpdate::parse_http_date(v) {
+        at.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO)
+    } else {
+        DEFAULT_COOLDOWN
+    };
+    d.clamp(Duration::from_secs(1), MAX_COOLDOWN)
+}
+
+/// True if the body is one JSON object (what every upstream 200 must be).
+pub fn is_json_object(body: &[u8]) -> bool {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    first == Some(&b'{') && serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok()
+}
+
+enum Verdict {
+    Done(Result<RawResponse, GatewayError>),
+    Retry(GatewayError),
+}
+
+impl Upstream {
+    pub fn new(
+        transport: Arc<dyn Transport>,
+        budget: Arc<dyn Budget>,
+        circuit: Circuit,
+        metrics: Metrics,
+        settings: UpstreamSettings,
+    ) -> Self {
+        Self {
+            transport,
+            budget,
+            circuit,
+            cooldown_until: Mutex::new(None),
+            metrics,
+            settings,
+        }
+    }
+
+    pub fn circuit_state(&self) -> CircuitState {
+        self.circuit.state()
+    }
+
+    /// The end of the current 429 cooldown, if one is running.
+    pub fn cooldown_until(&self) -> Option<Instant> {
+        let c = self
+            .cooldown_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        c.filter(|until| *until > Instant::now())
+    }
+
+    pub fn budget_available(&self) -> f64 {
+        self.budget.available()
+    }
+
+    fn start_cooldown(&self, d: Duration) {
+        let until = Instant::now() + d;
+        let mut c = self
+            .cooldown_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if c.is_none_or(|old| old < until) {
+            *c = Some(until);
+        }
+        tracing::warn!(
+            cooldown_secs = d.as_secs(),
+            "upstream answered 429: no upstream call until the cooldown ends"
+        );
+    }
+
+    /// One logical call: GETs are retried on connect errors, dropped connections, timeouts and
+    /// 502/503/504; POSTs only on connect errors (the request never reached the upstream).
+    pub async fn call(
+        &self,
+        endpoint: Endpoint,
+        req: OutRequest,
+        deadline: Instant,
+    ) -> Result<RawResponse, GatewayError> {
+        let idempotent = req.method == Method::GET;
+        let mut attempt = 0u32;
+        loop {
+            if let Some(until) = self.cooldown_until() {
+                return Err(GatewayError::UpstreamUnavailable {
+                    reason: Throttle::Upstream429,
+                    retry_after: until - Instant::now(),
+                    message: "upstream is throttling; retry later",
+                });
+            }
+            let admission =
+                self.circuit
+                    .admit()
+                    .map_err(|retry_after| GatewayError::UpstreamUnavailable {
+                        reason: Throttle::CircuitOpen,
+                        retry_after,
+                        message: "upstream circuit is open after repeated failures; retry later",
+                    })?;
+            let budget_deadline = deadline.min(Instant::now() + self.settings.max_queue_wait);
+            let Some(_permit) = self.budget.acquire(budget_deadline).await else {
+                // Not an attempt: give the probe back without an outcome.
+                self.record_circuit(admission, Outcome::Neutral);
+                return Err(GatewayError::UpstreamUnavailable {
+                    reason: Throttle::Budget,
+                    retry_after: Duration::from_secs(1),
+                    message: "upstream request budget exhausted; retry later",
+                });
+            };
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                self.record_circuit(admission, Outcome::Neutral);
+                return Err(GatewayError::UpstreamTimeout);
+            }
+            let started = Instant::now();
+            self.metrics.upstream_inflight.inc();
+            let result = self
+                .transport
+                .send(req.clone(), self.settings.timeout.min(remaining))
+                .await;
+            self.metrics.upstream_inflight.dec();
+            let status_label = match &result {
+                Ok(r) => r.status.as_str().to_string(),
+                Err(TransportError::Timeout) => "timeout".into(),
+                Err(_) => "error".into(),
+            };
+            self.metrics
+                .record_upstream(endpoint, &status_label, started.elapsed().as_secs_f64());
+            let verdict = self.classify(endpoint, admission, idempotent, result);
+            drop(_permit);
+            let err = match verdict {
+                Verdict::Done(r) => return r,
+                Verdict::Retry(e) => e,
+            };
+            if admission.probe || attempt >= self.settings.retries {
+                return Err(err);
+            }
+            let pause = full_jitter(BACKOFF_BASE, BACKOFF_CAP, attempt);
+            if Instant::now() + pause >= deadline {
+                return Err(err);
+            }
+            tokio::time::sleep(pause).await;
+            attempt += 1;
+            tracing::debug!(endpoint = endpoint.label(), attempt, error = %err, "retrying upstream call");
+        }
+    }
+
+    fn record_circuit(&self, admission: Admission, outcome: Outcome) {
+        if let Some(open) = self.circuit.record(admission, outcome) {
+            self.metrics.circuit_open.set(i64::from(open));
+            if open {
+                tracing::error!("upstream circuit opened after repeated failures");
+            } else {
+                tracing::info!("upstream circuit closed");
+            }
+        }
+    }
+
+    fn classify(
+        &self,
+        endpoint: Endpoint,
+        admission: Admission,
+        idempotent: bool,
+        result: Result<RawResponse, TransportError>,
+    ) -> Verdict {
+        let fail = |outcome_err: GatewayError, retryable: bool| {
+            self.record_circuit(admission, Outcome::Failure);
+            if retryable {
+                Verdict::Retry(outcome_err)
+            } else {
+                Verdict::Done(Err(outcome_err))
+            }
+        };
+        match result {
+            Ok(resp) if resp.status == StatusCode::TOO_MANY_REQUESTS => {
+                self.record_circuit(admission, Outcome::Neutral);
+                let d = parse_retry_after(&resp.headers);
+                self.start_cooldown(d);
+                Verdict::Done(Err(GatewayError::UpstreamUnavailable {
+                    reason: Throttle::Upstream429,
+                    retry_after: d,
+                    message: "upstream is throttling; retry later",
+                }))
+            }
+            Ok(resp) if resp.status.is_server_error() => {
+                let retryable = idempotent
+                    && matches!(
+                        resp.status,
+                        StatusCode::BAD_GATEWAY
+                            | StatusCode::SERVICE_UNAVAILABLE
+                            | StatusCode::GATEWAY_TIMEOUT
+                    );
+                fail(
+                    GatewayError::BadGateway(format!("upstream answered {}", resp.status.as_u16())),
+                    retryable,
+                )
+            }
+            Ok(resp) if resp.status == StatusCode::OK && !is_json_object(&resp.body) => {
+                tracing::warn!(
+                    endpoint = endpoint.label(),
+                    bytes = resp.body.len(),
+                    "upstream 200 body is not a JSON object"
+                );
+                fail(
+                    GatewayError::BadGateway(
+                        "upstream answered a body that is not a JSON object".into(),
+                    ),
+                    false,
+                )
+            }
+            Ok(resp) => {
+                self.record_circuit(admission, Outcome::Success);
+                Verdict::Done(Ok(resp))
+            }
+            Err(TransportError::Connect(e)) => {
+                tracing::warn!(endpoint = endpoint.label(), error = %e, "upstream connect failed");
+                fail(
+                    GatewayError::BadGateway("cannot connect to upstream".into()),
+                    true,
+                )
+            }
+            Err(TransportError::Closed(e)) => {
+                tracing::warn!(endpoint = endpoint.label(), error = %e, "upstream connection failed");
+                fail(
+                    GatewayError::BadGateway("upstream closed the connection".into()),
+                    idempotent,
+                )
+            }
+            Err(TransportError::Timeout) => fail(GatewayError::UpstreamTimeout, idempotent),
+            Err(e @ (TransportError::TooLarge | TransportError::Truncated(_))) => {
+                fail(GatewayError::BadGateway(e.to_string()), false)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_forms() {
+        let mut h = HeaderMap::new();
+        assert_eq!(parse_retry_after(&h), DEFAULT_COOLDOWN);
+        h.insert("retry-after", "2".parse().unwrap());
+        assert_eq!(parse_retry_after(&h), Duration::from_secs(2));
+        h.insert("retry-after", "99999".parse().unwrap());
+        assert_eq!(parse_retry_after(&h), MAX_COOLDOWN);
+        let at = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(120));
+        h.insert("retry-after", at.parse().unwrap());
+        let d = parse_retry_after(&h);
+        assert!(
+            d > Duration::from_secs(110) && d <= Duration::from_secs(120),
+            "{d:?}"
+        );
+        h.insert("retry-after", "soon".parse().unwrap());
+        assert_eq!(parse_retry_after(&h), DEFAULT_COOLDOWN);
+    }
+
+    #[test]
+    fn json_object_check() {
+        assert!(is_json_object(b" {\"a\":1}"));
+        assert!(!is_json_object(b"[1]"));
+        assert!(!is_json_object(b"<html>"));
+        assert!(!is_json_object(b"{\"a\":"));
+    }
+
+    #[test]
+    fn jitter_is_bounded() {
+        for attempt in 0..30 {
+            assert!(full_jitter(BACKOFF_BASE, BACKOFF_CAP, attempt) <= BACKOFF_CAP);
+        }
+    }
+}

@@ -14,7 +14,7 @@ use crate::transport::OutRequest;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::{Body as _, Incoming};
+use hyper::body::Incoming;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::time::Instant;
@@ -340,7 +340,7 @@ impl Gateway {
         });
     }
 
-    async fn read_post_body(&self, body: Incoming) -> Result<Bytes, GatewayError> {
+    async fn read_post_body<B: ClientBody>(&self, body: B) -> Result<Bytes, GatewayError> {
         Limited::new(body, MAX_POST_BODY)
             .collect()
             .await
@@ -349,10 +349,10 @@ impl Gateway {
     }
 
     /// `POST /api/ts/v1/oauth2/token`: ThingSpace's token request, answered with a gateway token.
-    async fn token(
+    async fn token<B: ClientBody>(
         &self,
         authorization: Option<&str>,
-        body: Incoming,
+        body: B,
     ) -> Result<Response<Body>, GatewayError> {
         let who = self.clients.authenticate(authorization)?;
         let form = self.read_post_body(body).await?;
@@ -383,7 +383,7 @@ impl Gateway {
     }
 
     /// `POST /api/m2m/v1/session/login`: answered locally; the real session stays in the gateway.
-    async fn session_login(&self, body: Incoming) -> Result<Response<Body>, GatewayError> {
+    async fn session_login<B: ClientBody>(&self, body: B) -> Result<Response<Body>, GatewayError> {
         self.read_post_body(body).await?;
         let mut b = [0u8; 16];
         b.iter_mut().for_each(|x| *x = fastrand::u8(..));
@@ -394,9 +394,9 @@ impl Gateway {
         ))
     }
 
-    async fn inner(
+    async fn inner<B: ClientBody>(
         self: &Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<B>,
         route: Route,
         ctx: &Ctx,
     ) -> Result<(Response<Body>, Option<CacheResult>), GatewayError> {
@@ -460,8 +460,33 @@ impl Drop for InflightGuard<'_> {
     }
 }
 
+/// Any request body the client API can read: hyper's `Incoming` from the socket, or an
+/// in-memory body in tests.
+pub trait ClientBody:
+    hyper::body::Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+    + Send
+    + Unpin
+    + 'static
+{
+}
+
+impl<B> ClientBody for B where
+    B: hyper::body::Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+        + Send
+        + Unpin
+        + 'static
+{
+}
+
 impl Handler for ClientApi {
     async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        self.serve(req).await
+    }
+}
+
+impl ClientApi {
+    /// The whole client request, as the listener runs it.
+    pub async fn serve<B: ClientBody>(&self, req: Request<B>) -> Response<Body> {
         let g = &self.0;
         let started = Instant::now();
         let ctx = Ctx {

@@ -242,6 +242,15 @@ impl Simulator {
         self.state.reset();
     }
 
+    /// An in-memory transport to this simulator's state, for tests under paused time (no
+    /// sockets, so tokio's clock can jump without firing I/O timeouts).
+    pub fn transport(&self, max_body: usize) -> Arc<dyn crate::transport::Transport> {
+        Arc::new(SimTransport {
+            state: self.state.clone(),
+            max_body,
+        })
+    }
+
     pub async fn stop(mut self) {
         self.shutdown.trigger();
         if let Some(task) = self.task.take() {
@@ -315,42 +324,70 @@ fn endpoint_of(method: &Method, path: &str) -> Option<&'static str> {
     }
 }
 
+/// A request as the simulator sees it, body already read.
+pub struct SimRequest {
+    pub method: Method,
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// Requests to the simulator are small; anything larger is refused.
+const MAX_SIM_BODY: usize = 1 << 20;
+
 impl Handler for SimState {
     async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
-        let path = req.uri().path().to_string();
-        if let Some(rest) = path.strip_prefix("/_sim/") {
-            return self.control(req, rest.to_string()).await;
+        let (parts, body) = req.into_parts();
+        let body = match http_body_util::Limited::new(body, MAX_SIM_BODY)
+            .collect()
+            .await
+        {
+            Ok(b) => b.to_bytes(),
+            Err(_) => {
+                return error_400("INVALID_PARAMETER", "request body too large or unreadable")
+            }
+        };
+        self.respond(SimRequest {
+            method: parts.method,
+            path: parts.uri.path().to_string(),
+            headers: parts.headers,
+            body,
+        })
+        .await
+    }
+}
+
+impl SimState {
+    /// Answers one request: control API, or an endpoint with latency, faults and rate limit.
+    pub async fn respond(&self, req: SimRequest) -> Response<Body> {
+        if let Some(rest) = req.path.strip_prefix("/_sim/") {
+            return self.control(&req.method, rest, &req.body);
         }
-        let Some(endpoint) = endpoint_of(req.method(), &path) else {
+        let Some(endpoint) = endpoint_of(&req.method, &req.path) else {
             return json_value(
                 StatusCode::NOT_FOUND,
                 &json!({"errorCode": "NOT_FOUND", "errorMessage": "Resource not found"}),
             );
         };
-        let _inflight = lock(&self.stats).enter(endpoint, req.headers());
+        let inflight = lock(&self.stats).enter(endpoint, &req.headers);
         let latency = *lock(&self.latency);
         if !latency.is_zero() {
             tokio::time::sleep(latency).await;
         }
-        let resp = self.answer(endpoint, req, &path).await;
+        let resp = self.answer(endpoint, &req).await;
         let status = if resp.extensions().get::<AbortConnection>().is_some() {
             0 // connection closed without an answer
         } else {
             resp.status().as_u16()
         };
         lock(&self.stats).record(endpoint, status);
-        drop(_inflight);
+        drop(inflight);
         resp
     }
 }
 
 impl SimState {
-    async fn answer(
-        &self,
-        endpoint: &'static str,
-        req: Request<Incoming>,
-        path: &str,
-    ) -> Response<Body> {
+    async fn answer(&self, endpoint: &'static str, req: &SimRequest) -> Response<Body> {
         let fault = control::take_fault(&mut lock(&self.faults), endpoint);
         let mut loop_cursor = false;
         if let Some(kind) = fault {
@@ -409,21 +446,17 @@ impl SimState {
             return r;
         }
         match endpoint {
-            "oauth_token" => self.oauth_token(req).await,
-            "session_login" => self.session_login(req).await,
-            _ => self.fota(endpoint, req.headers(), path, loop_cursor),
+            "oauth_token" => self.oauth_token(req),
+            "session_login" => self.session_login(req),
+            _ => self.fota(endpoint, &req.headers, &req.path, loop_cursor),
         }
     }
 
-    async fn oauth_token(&self, req: Request<Incoming>) -> Response<Body> {
-        let basic = header_str(req.headers(), &header::AUTHORIZATION)
-            .and_then(|v| v.strip_prefix("Basic "))
-            .map(str::to_string);
-        let body = match req.into_body().collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(_) => return error_400("invalid_request", "unreadable body"),
-        };
-        let Some(basic) = basic else {
+    fn oauth_token(&self, req: &SimRequest) -> Response<Body> {
+        let body = &req.body;
+        let Some(basic) =
+            header_str(&req.headers, &header::AUTHORIZATION).and_then(|v| v.strip_prefix("Basic "))
+        else {
             return fault_401("900902");
         };
         let expected = base64::engine::general_purpose::STANDARD.encode(format!(
@@ -433,7 +466,7 @@ impl SimState {
         if basic.trim() != expected {
             return fault_401("900901");
         }
-        let grant_ok = std::str::from_utf8(&body)
+        let grant_ok = std::str::from_utf8(body)
             .map(|s| s.split('&').any(|kv| kv == "grant_type=client_credentials"))
             .unwrap_or(false);
         if !grant_ok {
@@ -477,20 +510,17 @@ impl SimState {
         }
     }
 
-    async fn session_login(&self, req: Request<Incoming>) -> Response<Body> {
-        if let Err(code) = self.check_bearer(req.headers()) {
+    fn session_login(&self, req: &SimRequest) -> Response<Body> {
+        if let Err(code) = self.check_bearer(&req.headers) {
             return fault_401(code);
         }
-        let body = match req.into_body().collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(_) => return error_400("REQUEST_FAILED.UnexpectedError", "unreadable body"),
-        };
+        let body = &req.body;
         #[derive(serde::Deserialize)]
         struct Login {
             username: String,
             password: String,
         }
-        let Ok(login) = serde_json::from_slice::<Login>(&body) else {
+        let Ok(login) = serde_json::from_slice::<Login>(body) else {
             return error_400(
                 "UnifiedWebService.REQUEST_FAILED.InvalidRequest",
                 "Request body is invalid",
@@ -582,8 +612,8 @@ impl SimState {
         }
     }
 
-    async fn control(&self, req: Request<Incoming>, what: String) -> Response<Body> {
-        match (req.method().clone(), what.as_str()) {
+    fn control(&self, method: &Method, what: &str, body: &[u8]) -> Response<Body> {
+        match (method.clone(), what) {
             (Method::GET, "accounts") => {
                 let list: Vec<_> = self
                     .accounts
@@ -605,11 +635,7 @@ impl SimState {
                 json_value(StatusCode::OK, &json!({"reset": true}))
             }
             (Method::POST, "faults") => {
-                let body = match req.into_body().collect().await {
-                    Ok(b) => b.to_bytes(),
-                    Err(_) => return error_400("INVALID_PARAMETER", "unreadable body"),
-                };
-                let parsed: Result<FaultRequest, _> = serde_json::from_slice(&body);
+                let parsed: Result<FaultRequest, _> = serde_json::from_slice(body);
                 match parsed
                     .map_err(|e| e.to_string())
                     .and_then(|f| self.apply(f))
@@ -662,5 +688,53 @@ impl SimState {
         lock(&self.stats).reset();
         *lock(&self.limiter) = Limiter::new(self.opts.rate, self.opts.burst);
         *lock(&self.latency) = self.opts.latency;
+    }
+}
+
+/// [`Simulator::transport`]: the simulator answering in-process.
+struct SimTransport {
+    state: Arc<SimState>,
+    max_body: usize,
+}
+
+impl crate::transport::Transport for SimTransport {
+    fn send(
+        &self,
+        req: crate::transport::OutRequest,
+        timeout: Duration,
+    ) -> crate::transport::TransportFuture<'_> {
+        use crate::transport::{RawResponse, TransportError};
+        Box::pin(async move {
+            let resp = tokio::time::timeout(
+                timeout,
+                self.state.respond(SimRequest {
+                    method: req.method,
+                    path: req.path,
+                    headers: req.headers,
+                    body: req.body,
+                }),
+            )
+            .await
+            .map_err(|_| TransportError::Timeout)?;
+            if resp.extensions().get::<AbortConnection>().is_some() {
+                return Err(TransportError::Closed(
+                    "connection closed by the simulator".into(),
+                ));
+            }
+            let (parts, body) = resp.into_parts();
+            if body.len() > self.max_body {
+                return Err(TransportError::TooLarge);
+            }
+            let body = body
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .map_err(|e| TransportError::Truncated(e.to_string()))?;
+            Ok(RawResponse {
+                status: parts.status,
+                headers: parts.headers,
+                body,
+            })
+        })
     }
 }

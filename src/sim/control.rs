@@ -28,7 +28,8 @@ pub struct FaultRequest {
     pub endpoint: Option<String>,
     /// How many requests the fault applies to (default 1).
     pub count: Option<u32>,
-    /// `status`, `hang`, `close`, `malformed`, `oversized`, `loop_cursor`.
+    /// `status` (any 200-599 answer with `body`: errors, or a changed page), `hang`, `close`,
+    /// `malformed`, `oversized`, `loop_cursor`.
     pub kind: Option<String>,
     pub status: Option<u16>,
     pub body: Option<String>,
@@ -112,8 +113,8 @@ impl FaultRequest {
         let kind = match kind.as_str() {
             "status" => {
                 let status = self.status.unwrap_or(500);
-                if !(400..=599).contains(&status) {
-                    return Err("status must be 400-599".into());
+                if !(200..=599).contains(&status) {
+                    return Err("status must be 200-599".into());
                 }
                 let body = self.body.clone().unwrap_or_else(|| {
                     serde_json::json!({"errorCode": format!("SIMULATED_{status}"), "errorMessage": "Simulated failure"})

@@ -1,0 +1,219 @@
+//! Shared helpers: start the simulator and a gateway on port 0, talk HTTP to them.
+#![allow(dead_code)]
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use std::sync::Arc;
+use std::time::Duration;
+use thingspace_gateway::app::{Gateway, Running};
+use thingspace_gateway::config::{self, Config};
+use thingspace_gateway::proxy::ClientApi;
+use thingspace_gateway::respond::Body;
+use thingspace_gateway::sim::{SimOptions, Simulator};
+
+pub fn sim_opts() -> SimOptions {
+    SimOptions {
+        listen: ([127, 0, 0, 1], 0).into(),
+        ..SimOptions::default()
+    }
+}
+
+pub async fn start_sim(opts: SimOptions) -> Simulator {
+    Simulator::start(opts).await.expect("simulator starts")
+}
+
+/// A gateway config in front of `base_url`, on port 0, clients open, with `extra` TOML merged
+/// in section by section (later keys win).
+pub fn config(base_url: &str, extra: &str) -> Config {
+    let base = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+[upstream]
+base_url = "{base_url}"
+[credentials]
+client_id = "demo-key"
+client_secret = "demo-secret"
+username = "demo-user"
+password = "demo-pass"
+[clients]
+mode = "none"
+"#
+    );
+    let mut table: toml::Table = toml::from_str(&base).expect("base config");
+    let extra: toml::Table = toml::from_str(extra).expect("extra config");
+    for (section, values) in extra {
+        match (table.get_mut(&section), values) {
+            (Some(toml::Value::Table(t)), toml::Value::Table(v)) => t.extend(v),
+            (_, v) => {
+                table.insert(section, v);
+            }
+        }
+    }
+    config::from_toml_with_env(&toml::to_string(&table).expect("toml"), &[])
+        .expect("valid test config")
+}
+
+pub async fn start_gateway(cfg: Config) -> Running {
+    Running::start(cfg).await.expect("gateway starts")
+}
+
+/// Waits (real time, bounded) until `/readyz` answers 200.
+pub async fn wait_ready(gw: &Running) {
+    for _ in 0..200 {
+        if get(&format!("{}/readyz", gw.admin_url())).await.status == StatusCode::OK {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("gateway never became ready");
+}
+
+#[derive(Debug)]
+pub struct Resp {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Resp {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+
+    pub fn error_code(&self) -> String {
+        self.json()["errorCode"].as_str().unwrap_or("").to_string()
+    }
+}
+
+fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(1024)
+        .build_http()
+}
+
+pub async fn request(method: Method, url: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+    let mut b = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let req = b
+        .body(Full::new(Bytes::copy_from_slice(body)))
+        .expect("request");
+    let resp = client().request(req).await.expect("response");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Resp {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+pub async fn get(url: &str) -> Resp {
+    request(Method::GET, url, &[], b"").await
+}
+
+pub async fn get_with(url: &str, headers: &[(&str, &str)]) -> Resp {
+    request(Method::GET, url, headers, b"").await
+}
+
+/// A shared pooled client for bursts of requests.
+pub struct Http(Client<HttpConnector, Full<Bytes>>);
+
+impl Http {
+    pub fn new() -> Self {
+        Http(client())
+    }
+
+    pub async fn get(&self, url: &str) -> Resp {
+        let req = Request::get(url)
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let resp = self.0.request(req).await.expect("response");
+        let (parts, body) = resp.into_parts();
+        Resp {
+            status: parts.status,
+            headers: parts.headers,
+            body: body.collect().await.expect("body").to_bytes(),
+        }
+    }
+}
+
+pub fn license_path(account: &str, index: u64) -> String {
+    format!("/api/fota/v1/licenses/{account}/index/{index}")
+}
+
+/// A gateway wired to the simulator in-process: no sockets, so tests can run under tokio's
+/// paused clock and jump time without firing I/O timeouts.
+pub struct InProc {
+    pub sim: Simulator,
+    pub gw: Arc<Gateway>,
+    api: ClientApi,
+}
+
+impl InProc {
+    pub async fn new(opts: SimOptions, extra: &str) -> InProc {
+        let sim = start_sim(opts).await;
+        let cfg = config(&sim.base_url(), extra);
+        let transport = sim.transport(cfg.upstream.max_response_bytes.as_usize());
+        let gw = Gateway::with_transport(cfg, transport);
+        tokio::spawn(gw.tokens.clone().run(gw.shutdown.clone()));
+        InProc {
+            sim,
+            api: ClientApi(gw.clone()),
+            gw,
+        }
+    }
+
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Resp {
+        let mut b = Request::builder().method(method).uri(path);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let req = b
+            .body(Body::new(Bytes::copy_from_slice(body)))
+            .expect("request");
+        let resp = self.api.serve(req).await;
+        let (parts, body) = resp.into_parts();
+        Resp {
+            status: parts.status,
+            headers: parts.headers,
+            body: body.collect().await.expect("body").to_bytes(),
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> Resp {
+        self.request(Method::GET, path, &[], b"").await
+    }
+
+    /// Lets spawned tasks (background refreshes) run to completion under paused time.
+    pub async fn settle(&self) {
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+    }
+}

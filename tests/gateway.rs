@@ -84,12 +84,9 @@ async fn concurrent_start_makes_one_token_call_and_one_login() {
     let imeis = sim.imeis(&account);
     let http = Arc::new(Http::new());
     let mut tasks = Vec::new();
-    for i in 0..200 {
-        let url = format!(
-            "{}{}",
-            gw.base_url(),
-            license_path(&account, if i == 0 { 0 } else { imeis[i] })
-        );
+    for (i, imei) in imeis.iter().take(200).enumerate() {
+        let index = if i == 0 { 0 } else { *imei };
+        let url = format!("{}{}", gw.base_url(), license_path(&account, index));
         let http = http.clone();
         tasks.push(tokio::spawn(async move { http.get(&url).await.status }));
     }

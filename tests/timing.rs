@@ -1,4 +1,5 @@
 //! Time-based behaviour under tokio's paused clock: the gateway wired to the simulator
+#![allow(clippy::needless_range_loop)]
 //! in-process (no sockets), so hours pass in milliseconds and every count is exact.
 
 mod common;

@@ -546,6 +546,34 @@ impl ClientApi {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    fn ctx(gzip: bool, head: bool) -> Ctx {
+        Ctx {
+            request_id: HeaderValue::from_static("t"),
+            deadline: Instant::now(),
+            head,
+            accept_gzip: gzip,
+            if_none_match: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_hit_shares_the_cached_bytes() {
+        let body: Vec<u8> = (0..500).flat_map(|i| format!("{{\"d\":{i}}},").into_bytes()).collect();
+        let e = Entry::new(StatusCode::OK, crate::respond::JSON, Bytes::from(body), Instant::now(), Duration::from_secs(60));
+        for (gzip, cached) in [(false, &e.body), (true, e.gzip.as_ref().unwrap())] {
+            let r = entry_response(&e, CacheResult::Hit, &ctx(gzip, false), Instant::now());
+            let chunks: Vec<&Bytes> = r.body().chunks().collect();
+            assert_eq!(chunks.len(), 1);
+            // Same allocation, same length: a pointer was cloned, not the bytes.
+            assert_eq!(chunks[0].as_ptr(), cached.as_ptr());
+            assert_eq!(chunks[0].len(), cached.len());
+        }
+        let r = entry_response(&e, CacheResult::Hit, &ctx(false, true), Instant::now());
+        assert!(r.body().is_empty());
+        assert_eq!(r.headers()[header::CONTENT_LENGTH], e.body.len().to_string().as_str());
+    }
 
     #[test]
     fn gzip_negotiation() {

@@ -1,6 +1,6 @@
 //! Time-based behaviour under tokio's paused clock: the gateway wired to the simulator
-#![allow(clippy::needless_range_loop)]
 //! in-process (no sockets), so hours pass in milliseconds and every count is exact.
+#![allow(clippy::needless_range_loop)]
 
 mod common;
 

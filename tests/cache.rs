@@ -1,0 +1,167 @@
+//! The page cache over real sockets: coalescing, negative caching, headers, purges, bounds.
+
+mod common;
+
+use common::*;
+use http::{Method, StatusCode};
+use std::io::Read;
+use std::sync::Arc;
+use thingspace_gateway::sim::control::FaultRequest;
+use thingspace_gateway::sim::SimOptions;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_concurrent_requests_for_one_cold_key_make_one_upstream_call() {
+    let sim = start_sim(SimOptions {
+        latency: std::time::Duration::from_millis(100),
+        ..sim_opts()
+    })
+    .await;
+    let gw = start_gateway(config(&sim.base_url(), "")).await;
+    wait_ready(&gw).await;
+    let account = sim.account_names()[0].clone();
+    let url = format!("{}{}", gw.base_url(), license_path(&account, 0));
+    let http = Arc::new(Http::new());
+    let tasks: Vec<_> = (0..1000)
+        .map(|_| {
+            let http = http.clone();
+            let url = url.clone();
+            tokio::spawn(async move { http.get(&url).await })
+        })
+        .collect();
+    let mut bodies = Vec::new();
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!(r.status, StatusCode::OK);
+        bodies.push(r.body);
+    }
+    assert_eq!(sim.count("licenses"), 1);
+    assert!(bodies.iter().all(|b| *b == bodies[0]));
+    let m = get(&format!("{}/metrics", gw.admin_url())).await;
+    let text = String::from_utf8_lossy(&m.body);
+    let count = |result: &str| -> u64 {
+        let needle = format!("thingspace_gateway_cache_lookups_total{{result=\"{result}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&needle))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(count("miss"), 1);
+    assert_eq!(count("miss") + count("coalesced") + count("hit"), 1000);
+}
+
+#[tokio::test]
+async fn upstream_4xx_is_cached_and_500_is_not() {
+    let sim = start_sim(sim_opts()).await;
+    let gw = start_gateway(config(&sim.base_url(), "[upstream]\nretries = 0\n")).await;
+    wait_ready(&gw).await;
+    let unknown = format!("{}{}", gw.base_url(), license_path("0000000000-00404", 0));
+    for i in 0..3 {
+        let r = get(&unknown).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "passed through");
+        assert_eq!(r.error_code(), "UnifiedWebService.REQUEST_FAILED.AccountNotFound");
+        assert_eq!(r.header("x-cache"), if i == 0 { "MISS" } else { "HIT" });
+        assert_eq!(r.header("cache-control"), "private, max-age=29");
+    }
+    assert_eq!(sim.count("licenses"), 1);
+    let account = sim.account_names()[0].clone();
+    let url = format!("{}{}", gw.base_url(), license_path(&account, 0));
+    sim.apply(FaultRequest::status("licenses", 1, 500)).unwrap();
+    let r = get(&url).await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(r.error_code(), "GW_BAD_GATEWAY");
+    let r = get(&url).await;
+    assert_eq!((r.status, r.header("x-cache")), (StatusCode::OK, "MISS"), "the 500 was not cached");
+    assert_eq!(sim.count("licenses"), 3);
+}
+
+#[tokio::test]
+async fn gzip_etag_head_and_304() {
+    let sim = start_sim(sim_opts()).await;
+    let gw = start_gateway(config(&sim.base_url(), "")).await;
+    let account = sim.account_names()[0].clone();
+    let url = format!("{}{}", gw.base_url(), license_path(&account, 0));
+    let plain = get(&url).await;
+    assert_eq!(plain.header("vary"), "accept-encoding");
+    assert_eq!(plain.header("content-encoding"), "");
+    let etag = plain.header("etag").to_string();
+    assert!(etag.starts_with('"') && etag.ends_with('"'));
+    let gz = get_with(&url, &[("accept-encoding", "gzip, deflate")]).await;
+    assert_eq!(gz.header("content-encoding"), "gzip");
+    assert_eq!(gz.header("etag"), etag);
+    assert!(gz.body.len() < plain.body.len() / 3);
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(&gz.body[..]).read_to_end(&mut out).unwrap();
+    assert_eq!(out, plain.body);
+    let r = get_with(&url, &[("if-none-match", &etag)]).await;
+    assert_eq!(r.status, StatusCode::NOT_MODIFIED);
+    assert!(r.body.is_empty());
+    assert_eq!(r.header("etag"), etag);
+    let r = get_with(&url, &[("if-none-match", "\"other\"")]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let head = request(Method::HEAD, &url, &[], b"").await;
+    assert_eq!(head.status, StatusCode::OK);
+    assert!(head.body.is_empty());
+    assert_eq!(head.header("content-length"), plain.body.len().to_string());
+    assert_eq!(head.header("x-cache"), "HIT");
+    // HEAD fills the cache on a miss, too.
+    let other = format!("{}{}", gw.base_url(), license_path(&sim.account_names()[1], 0));
+    assert_eq!(request(Method::HEAD, &other, &[], b"").await.header("x-cache"), "MISS");
+    assert_eq!(get(&other).await.header("x-cache"), "HIT");
+    assert_eq!(sim.count("licenses"), 2);
+}
+
+#[tokio::test]
+async fn purge_one_account_keeps_the_others() {
+    let sim = start_sim(sim_opts()).await;
+    let gw = start_gateway(config(&sim.base_url(), "")).await;
+    let names = sim.account_names();
+    let imeis = sim.imeis(&names[0]);
+    for path in [
+        license_path(&names[0], 0),
+        license_path(&names[0], imeis[999]),
+        license_path(&names[1], 0),
+        format!("/api/fota/v1/subscriptions/{}", names[0]),
+    ] {
+        assert_eq!(get(&format!("{}{path}", gw.base_url())).await.status, StatusCode::OK);
+    }
+    let r = request(Method::DELETE, &format!("{}/cache/accounts/{}", gw.admin_url(), names[0]), &[], b"").await;
+    assert_eq!(r.json(), serde_json::json!({"purged": 3}));
+    let r = get(&format!("{}{}", gw.base_url(), license_path(&names[1], 0))).await;
+    assert_eq!(r.header("x-cache"), "HIT");
+    let r = get(&format!("{}{}", gw.base_url(), license_path(&names[0], 0))).await;
+    assert_eq!(r.header("x-cache"), "MISS");
+    let r = request(Method::DELETE, &format!("{}/cache", gw.admin_url()), &[], b"").await;
+    assert_eq!(r.json(), serde_json::json!({"purged": 2}));
+    let r = request(Method::DELETE, &format!("{}/cache/accounts/a.b", gw.admin_url()), &[], b"").await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn ten_times_capacity_stays_within_max_bytes() {
+    let sim = start_sim(SimOptions {
+        page_size: 100,
+        accounts: 1,
+        ..sim_opts()
+    })
+    .await;
+    let max = 256 * 1024;
+    let gw = start_gateway(config(
+        &sim.base_url(),
+        &format!("[cache]\nmax_bytes = {max}\n[upstream]\nrate_per_second = 10000.0\nburst = 10000\n"),
+    ))
+    .await;
+    let account = sim.account_names()[0].clone();
+    let imeis = sim.imeis(&account);
+    let http = Http::new();
+    let mut fetched = 0usize;
+    for imei in imeis.iter().take(400) {
+        let r = http.get(&format!("{}{}", gw.base_url(), license_path(&account, *imei))).await;
+        assert_eq!(r.status, StatusCode::OK);
+        fetched += r.body.len();
+    }
+    assert!(fetched > 10 * max, "{fetched}");
+    let status = get(&format!("{}/status", gw.admin_url())).await.json();
+    let bytes = status["cache"]["bytes"].as_u64().unwrap();
+    assert!(bytes <= max as u64, "{bytes} > {max}");
+    assert!(status["cache"]["entries"].as_u64().unwrap() > 5);
+}

@@ -109,6 +109,8 @@ impl Gateway {
 pub struct Running {
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The client listener speaks TLS.
+    pub tls: bool,
     pub gateway: Arc<Gateway>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -130,6 +132,11 @@ impl Running {
             .map_err(|e| anyhow::anyhow!("server.admin_listen {}: {e}", s.admin_listen))?;
         let addr = listener.local_addr()?;
         let admin_addr = admin.local_addr()?;
+        let tls = if s.tls_cert.is_empty() {
+            None
+        } else {
+            Some(crate::tls::server_acceptor(&s.tls_cert, &s.tls_key)?)
+        };
         let opts = ServeOptions {
             max_connections: s.max_connections,
             header_read_timeout: s.header_read_timeout.0,
@@ -138,13 +145,17 @@ impl Running {
             max_headers: crate::proxy::MAX_HEADERS + 28,
             tls: None,
         };
+        let client_opts = ServeOptions {
+            tls,
+            ..opts.clone()
+        };
         let grace = s.shutdown_grace.0;
         let shutdown = gateway.shutdown.clone();
         let tasks = vec![
             tokio::spawn(gateway.tokens.clone().run(shutdown.clone())),
             tokio::spawn(serve(
                 listener,
-                opts.clone(),
+                client_opts,
                 Arc::new(crate::proxy::ClientApi(gateway.clone())),
                 shutdown.clone(),
                 grace,
@@ -158,6 +169,7 @@ impl Running {
             )),
         ];
         Ok(Running {
+            tls: !s.tls_cert.is_empty(),
             addr,
             admin_addr,
             gateway,
@@ -166,7 +178,8 @@ impl Running {
     }
 
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     pub fn admin_url(&self) -> String {

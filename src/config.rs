@@ -44,6 +44,9 @@ pub struct ServerConfig {
     pub max_inflight: usize,
     pub max_header_bytes: ByteSize,
     pub shutdown_grace: Dur,
+    /// PEM certificate chain and key: both set → the client API listens with TLS.
+    pub tls_cert: String,
+    pub tls_key: String,
 }
 
 impl Default for ServerConfig {
@@ -57,6 +60,8 @@ impl Default for ServerConfig {
             max_inflight: 4096,
             max_header_bytes: ByteSize(16 * 1024),
             shutdown_grace: Dur::secs(20),
+            tls_cert: String::new(),
+            tls_key: String::new(),
         }
     }
 }
@@ -460,6 +465,17 @@ impl Config {
         }
         positive("server.header_read_timeout", s.header_read_timeout)?;
         positive("server.request_timeout", s.request_timeout)?;
+        if s.tls_cert.is_empty() != s.tls_key.is_empty() {
+            return Err(err("server.tls_cert/tls_key: set both or neither"));
+        }
+        for (key, path) in [
+            ("server.tls_cert", &s.tls_cert),
+            ("server.tls_key", &s.tls_key),
+        ] {
+            if !path.is_empty() && !Path::new(path).is_file() {
+                return Err(err(format!("{key}: {path} does not exist")));
+            }
+        }
         let u = &self.upstream;
         let url: http::Uri = u
             .base_url

@@ -560,8 +560,16 @@ mod tests {
 
     #[tokio::test]
     async fn a_hit_shares_the_cached_bytes() {
-        let body: Vec<u8> = (0..500).flat_map(|i| format!("{{\"d\":{i}}},").into_bytes()).collect();
-        let e = Entry::new(StatusCode::OK, crate::respond::JSON, Bytes::from(body), Instant::now(), Duration::from_secs(60));
+        let body: Vec<u8> = (0..500)
+            .flat_map(|i| format!("{{\"d\":{i}}},").into_bytes())
+            .collect();
+        let e = Entry::new(
+            StatusCode::OK,
+            crate::respond::JSON,
+            Bytes::from(body),
+            Instant::now(),
+            Duration::from_secs(60),
+        );
         for (gzip, cached) in [(false, &e.body), (true, e.gzip.as_ref().unwrap())] {
             let r = entry_response(&e, CacheResult::Hit, &ctx(gzip, false), Instant::now());
             let chunks: Vec<&Bytes> = r.body().chunks().collect();
@@ -572,7 +580,10 @@ mod tests {
         }
         let r = entry_response(&e, CacheResult::Hit, &ctx(false, true), Instant::now());
         assert!(r.body().is_empty());
-        assert_eq!(r.headers()[header::CONTENT_LENGTH], e.body.len().to_string().as_str());
+        assert_eq!(
+            r.headers()[header::CONTENT_LENGTH],
+            e.body.len().to_string().as_str()
+        );
     }
 
     #[test]

@@ -33,3 +33,25 @@ pub fn client_config(ca_file: &str) -> anyhow::Result<rustls::ClientConfig> {
         .with_root_certificates(Arc::new(roots))
         .with_no_client_auth())
 }
+
+/// A TLS acceptor for the client listener from PEM files.
+pub fn server_acceptor(
+    cert_file: &str,
+    key_file: &str,
+) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    install_crypto_provider();
+    let certs = rustls_pemfile::certs(&mut std::fs::read(cert_file)?.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("server.tls_cert: {cert_file}: {e}"))?;
+    if certs.is_empty() {
+        anyhow::bail!("server.tls_cert: {cert_file}: no PEM certificate found");
+    }
+    let key = rustls_pemfile::private_key(&mut std::fs::read(key_file)?.as_slice())
+        .map_err(|e| anyhow::anyhow!("server.tls_key: {key_file}: {e}"))?
+        .ok_or_else(|| anyhow::anyhow!("server.tls_key: {key_file}: no PEM private key found"))?;
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| anyhow::anyhow!("server.tls_cert/tls_key: {e}"))?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}

@@ -58,7 +58,10 @@ async fn upstream_4xx_is_cached_and_500_is_not() {
     for i in 0..3 {
         let r = get(&unknown).await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "passed through");
-        assert_eq!(r.error_code(), "UnifiedWebService.REQUEST_FAILED.AccountNotFound");
+        assert_eq!(
+            r.error_code(),
+            "UnifiedWebService.REQUEST_FAILED.AccountNotFound"
+        );
         assert_eq!(r.header("x-cache"), if i == 0 { "MISS" } else { "HIT" });
         assert_eq!(r.header("cache-control"), "private, max-age=29");
     }
@@ -70,7 +73,11 @@ async fn upstream_4xx_is_cached_and_500_is_not() {
     assert_eq!(r.status, StatusCode::BAD_GATEWAY);
     assert_eq!(r.error_code(), "GW_BAD_GATEWAY");
     let r = get(&url).await;
-    assert_eq!((r.status, r.header("x-cache")), (StatusCode::OK, "MISS"), "the 500 was not cached");
+    assert_eq!(
+        (r.status, r.header("x-cache")),
+        (StatusCode::OK, "MISS"),
+        "the 500 was not cached"
+    );
     assert_eq!(sim.count("licenses"), 3);
 }
 
@@ -90,7 +97,9 @@ async fn gzip_etag_head_and_304() {
     assert_eq!(gz.header("etag"), etag);
     assert!(gz.body.len() < plain.body.len() / 3);
     let mut out = Vec::new();
-    flate2::read::GzDecoder::new(&gz.body[..]).read_to_end(&mut out).unwrap();
+    flate2::read::GzDecoder::new(&gz.body[..])
+        .read_to_end(&mut out)
+        .unwrap();
     assert_eq!(out, plain.body);
     let r = get_with(&url, &[("if-none-match", &etag)]).await;
     assert_eq!(r.status, StatusCode::NOT_MODIFIED);
@@ -104,8 +113,17 @@ async fn gzip_etag_head_and_304() {
     assert_eq!(head.header("content-length"), plain.body.len().to_string());
     assert_eq!(head.header("x-cache"), "HIT");
     // HEAD fills the cache on a miss, too.
-    let other = format!("{}{}", gw.base_url(), license_path(&sim.account_names()[1], 0));
-    assert_eq!(request(Method::HEAD, &other, &[], b"").await.header("x-cache"), "MISS");
+    let other = format!(
+        "{}{}",
+        gw.base_url(),
+        license_path(&sim.account_names()[1], 0)
+    );
+    assert_eq!(
+        request(Method::HEAD, &other, &[], b"")
+            .await
+            .header("x-cache"),
+        "MISS"
+    );
     assert_eq!(get(&other).await.header("x-cache"), "HIT");
     assert_eq!(sim.count("licenses"), 2);
 }
@@ -122,17 +140,38 @@ async fn purge_one_account_keeps_the_others() {
         license_path(&names[1], 0),
         format!("/api/fota/v1/subscriptions/{}", names[0]),
     ] {
-        assert_eq!(get(&format!("{}{path}", gw.base_url())).await.status, StatusCode::OK);
+        assert_eq!(
+            get(&format!("{}{path}", gw.base_url())).await.status,
+            StatusCode::OK
+        );
     }
-    let r = request(Method::DELETE, &format!("{}/cache/accounts/{}", gw.admin_url(), names[0]), &[], b"").await;
+    let r = request(
+        Method::DELETE,
+        &format!("{}/cache/accounts/{}", gw.admin_url(), names[0]),
+        &[],
+        b"",
+    )
+    .await;
     assert_eq!(r.json(), serde_json::json!({"purged": 3}));
     let r = get(&format!("{}{}", gw.base_url(), license_path(&names[1], 0))).await;
     assert_eq!(r.header("x-cache"), "HIT");
     let r = get(&format!("{}{}", gw.base_url(), license_path(&names[0], 0))).await;
     assert_eq!(r.header("x-cache"), "MISS");
-    let r = request(Method::DELETE, &format!("{}/cache", gw.admin_url()), &[], b"").await;
+    let r = request(
+        Method::DELETE,
+        &format!("{}/cache", gw.admin_url()),
+        &[],
+        b"",
+    )
+    .await;
     assert_eq!(r.json(), serde_json::json!({"purged": 2}));
-    let r = request(Method::DELETE, &format!("{}/cache/accounts/a.b", gw.admin_url()), &[], b"").await;
+    let r = request(
+        Method::DELETE,
+        &format!("{}/cache/accounts/a.b", gw.admin_url()),
+        &[],
+        b"",
+    )
+    .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
 }
 
@@ -147,7 +186,9 @@ async fn ten_times_capacity_stays_within_max_bytes() {
     let max = 256 * 1024;
     let gw = start_gateway(config(
         &sim.base_url(),
-        &format!("[cache]\nmax_bytes = {max}\n[upstream]\nrate_per_second = 10000.0\nburst = 10000\n"),
+        &format!(
+            "[cache]\nmax_bytes = {max}\n[upstream]\nrate_per_second = 10000.0\nburst = 10000\n"
+        ),
     ))
     .await;
     let account = sim.account_names()[0].clone();
@@ -155,7 +196,13 @@ async fn ten_times_capacity_stays_within_max_bytes() {
     let http = Http::new();
     let mut fetched = 0usize;
     for imei in imeis.iter().take(400) {
-        let r = http.get(&format!("{}{}", gw.base_url(), license_path(&account, *imei))).await;
+        let r = http
+            .get(&format!(
+                "{}{}",
+                gw.base_url(),
+                license_path(&account, *imei)
+            ))
+            .await;
         assert_eq!(r.status, StatusCode::OK);
         fetched += r.body.len();
     }

@@ -1,0 +1,509 @@
+//! Client security: registry, gateway tokens, SDK drop-in flow, hostile input.
+
+mod common;
+
+use base64::Engine;
+use common::*;
+use http::{Method, StatusCode};
+use thingspace_gateway::clients::sha256_hex;
+use thingspace_gateway::sim::Simulator;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn clients_toml(sim: &Simulator, key: &str) -> String {
+    let a = &sim.account_names()[0];
+    format!(
+        r#"
+[clients]
+mode = "required"
+token_signing_key = "{key}"
+[[clients.client]]
+id = "billing"
+secret_sha256 = "{}"
+accounts = ["{a}"]
+rate_per_second = 1000.0
+burst = 1000
+[[clients.client]]
+id = "ops"
+secret_sha256 = "{}"
+accounts = ["*"]
+[[clients.client]]
+id = "slow"
+secret_sha256 = "{}"
+accounts = ["*"]
+rate_per_second = 0.5
+burst = 2
+"#,
+        sha256_hex("billing-secret"),
+        sha256_hex("ops-secret"),
+        sha256_hex("slow-secret"),
+    )
+}
+
+fn basic(id: &str, secret: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"))
+    )
+}
+
+async fn gateway_token(base: &str, id: &str, secret: &str) -> String {
+    let r = request(
+        Method::POST,
+        &format!("{base}/api/ts/v1/oauth2/token"),
+        &[
+            ("authorization", &basic(id, secret)),
+            ("content-type", "application/x-www-form-urlencoded"),
+        ],
+        b"grant_type=client_credentials",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let body = r.json();
+    assert_eq!(body["token_type"], "Bearer");
+    assert!(body["expires_in"].as_u64().unwrap() > 0);
+    assert!(body["scope"].is_string());
+    body["access_token"].as_str().unwrap().to_string()
+}
+
+/// Sends raw bytes (for request targets no HTTP client would send) and returns the status and body.
+async fn raw(addr: std::net::SocketAddr, request: &[u8]) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test]
+async fn sdk_flow_works_with_only_the_base_url_changed() {
+    let sim = start_sim(sim_opts()).await;
+    let gw = start_gateway(config(&sim.base_url(), &clients_toml(&sim, "k1"))).await;
+    let account = sim.account_names()[0].clone();
+    // What the official SDK sends: token request, then the page with Bearer + VZ-M2M-Token.
+    let token = gateway_token(&gw.base_url(), "billing", "billing-secret").await;
+    let login = request(
+        Method::POST,
+        &format!("{}/api/m2m/v1/session/login", gw.base_url()),
+        &[
+            ("authorization", &format!("Bearer {token}")),
+            ("content-type", "application/json"),
+        ],
+        br#"{"username":"someone","password":"whatever"}"#,
+    )
+    .await;
+    assert_eq!(login.status, StatusCode::OK);
+    let session = login.json()["sessionToken"].as_str().unwrap().to_string();
+    let r = get_with(
+        &format!("{}{}", gw.base_url(), license_path(&account, 0)),
+        &[
+            ("authorization", &format!("Bearer {token}")),
+            ("vz-m2m-token", &session),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json()["accountName"], account.as_str());
+    // The local login never reached the upstream with the client's credentials.
+    assert!(!format!("{:?}", sim.last_headers("session_login")).contains(&token));
+}
+
+#[tokio::test]
+async fn accounts_rates_and_credentials() {
+    let sim = start_sim(sim_opts()).await;
+    let gw = start_gateway(config(&sim.base_url(), &clients_toml(&sim, "k1"))).await;
+    let names = sim.account_names();
+    let url = |a: &str| format!("{}{}", gw.base_url(), license_path(a, 0));
+    // B cold: 403, and no upstream call.
+    let r = get_with(
+        &url(&names[1]),
+        &[("authorization", &basic("billing", "billing-secret"))],
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (StatusCode::FORBIDDEN, "GW_FORBIDDEN")
+    );
+    assert_eq!(sim.count("licenses"), 0);
+    // B cached by another client: still 403.
+    let r = get_with(
+        &url(&names[1]),
+        &[("authorization", &basic("ops", "ops-secret"))],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = get_with(
+        &url(&names[1]),
+        &[("authorization", &basic("billing", "billing-secret"))],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert!(!r.body.windows(8).any(|w| w == b"deviceId"));
+    // Own account: fine.
+    let r = get_with(
+        &url(&names[0]),
+        &[("authorization", &basic("billing", "billing-secret"))],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    // Per-client rate: burst 2 then 429 with Retry-After.
+    for _ in 0..2 {
+        let r = get_with(
+            &url(&names[0]),
+            &[("authorization", &basic("slow", "slow-secret"))],
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK);
+    }
+    let r = get_with(
+        &url(&names[0]),
+        &[("authorization", &basic("slow", "slow-secret"))],
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, "GW_RATE_LIMITED")
+    );
+    assert_eq!(r.header("retry-after"), "2");
+    // Wrong, missing, unknown credentials: 401 with WWW-Authenticate, at the token endpoint too.
+    for auth in [
+        Some(basic("billing", "wrong")),
+        Some(basic("nobody", "billing-secret")),
+        Some("Bearer not-a-token".to_string()),
+        Some("Digest abc".to_string()),
+        None,
+    ] {
+        let headers: Vec<(&str, &str)> =
+            auth.iter().map(|a| ("authorization", a.as_str())).collect();
+        let r = get_with(&url(&names[0]), &headers).await;
+        assert_eq!(
+            (r.status, r.error_code().as_str()),
+            (StatusCode::UNAUTHORIZED, "GW_UNAUTHORIZED"),
+            "{auth:?}"
+        );
+        assert!(!r.header("www-authenticate").is_empty());
+        let r = request(
+            Method::POST,
+            &format!("{}/api/ts/v1/oauth2/token", gw.base_url()),
+            &headers,
+            b"grant_type=client_credentials",
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{auth:?}");
+    }
+    let r = request(
+        Method::POST,
+        &format!("{}/api/ts/v1/oauth2/token", gw.base_url()),
+        &[("authorization", &basic("ops", "ops-secret"))],
+        b"grant_type=password",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn tokens_cross_instances_only_with_the_same_key() {
+    let sim = start_sim(sim_opts()).await;
+    let a = start_gateway(config(&sim.base_url(), &clients_toml(&sim, "shared-key"))).await;
+    let b = start_gateway(config(&sim.base_url(), &clients_toml(&sim, "shared-key"))).await;
+    let c = start_gateway(config(&sim.base_url(), &clients_toml(&sim, "other-key"))).await;
+    let token = gateway_token(&a.base_url(), "ops", "ops-secret").await;
+    let path = license_path(&sim.account_names()[0], 0);
+    let bearer = format!("Bearer {token}");
+    assert_eq!(
+        get_with(
+            &format!("{}{path}", b.base_url()),
+            &[("authorization", &bearer)]
+        )
+        .await
+        .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get_with(
+            &format!("{}{path}", c.base_url()),
+            &[("authorization", &bearer)]
+        )
+        .await
+        .status,
+        StatusCode::UNAUTHORIZED
+    );
+    // Any byte changed: 401.
+    let bytes = token.as_bytes();
+    for i in (0..bytes.len()).step_by(3) {
+        let mut t = bytes.to_vec();
+        t[i] = if t[i] == b'x' { b'y' } else { b'x' };
+        let t = String::from_utf8(t).unwrap();
+        let r = get_with(
+            &format!("{}{path}", a.base_url()),
+            &[("authorization", &format!("Bearer {t}"))],
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "tampered at {i}");
+    }
+}
+
+#[tokio::test]
+async fn hostile_paths_and_headers_never_reach_the_upstream() {
+    let sim = start_sim(sim_opts()).await;
+    let gw = start_gateway(config(&sim.base_url(), &clients_toml(&sim, "k"))).await;
+    wait_ready(&gw).await;
+    let before = sim.count("licenses") + sim.count("subscriptions");
+    let long = "a".repeat(65);
+    let cases: Vec<(String, u16, &str)> = vec![
+        (
+            "GET /api/fota/v1/licenses/%2e%2e/index/0".into(),
+            400,
+            "INVALID_PARAMETER",
+        ),
+        (
+            "GET /api/fota/v1/licenses/../index/0".into(),
+            400,
+            "INVALID_PARAMETER",
+        ),
+        (
+            "GET /api/fota/v1/licenses/a%00/index/0".into(),
+            400,
+            "INVALID_PARAMETER",
+        ),
+        (
+            "GET /api/fota/v1/licenses/a%2Fb/index/0".into(),
+            400,
+            "INVALID_PARAMETER",
+        ),
+        (
+            "GET /api/fota/v1/licenses/a;x=1/index/0".into(),
+            400,
+            "INVALID_PARAMETER",
+        ),
+        (
+            "GET /api/fota/v1/licenses//index/0".into(),
+            400,
+            "INVALID_PARAMETER",
+        ),
+        (
+            format!("GET /api/fota/v1/licenses/{long}/index/0"),
+            400,
+            "INVALID_PARAMETER",
+        ),
+        (
+            "GET /api/fota/v1/licenses/a/index/0%20".into(),
+            400,
+            "INVALID_PARAMETER",
+        ),
+        (
+            "GET /api/fota/v1/licenses/a/index/%2F..%2F".into(),
+            400,
+            "INVALID_PARAMETER",
+        ),
+        (
+            "GET /api/fota/v1/licenses/a/index/+1".into(),
+            400,
+            "INVALID_PARAMETER",
+        ),
+        (
+            "GET /api/fota/v1/licenses/a/index/0x10".into(),
+            400,
+            "INVALID_PARAMETER",
+        ),
+        (
+            "GET /api/fota/v1/licenses/a/index/1;2".into(),
+            400,
+            "INVALID_PARAMETER",
+        ),
+        (
+            "GET /api/fota/v1/licenses/a/index/18446744073709551616".into(),
+            400,
+            "INVALID_PARAMETER",
+        ),
+        (
+            "GET /api/fota/v1/subscriptions/a%20b".into(),
+            400,
+            "INVALID_PARAMETER",
+        ),
+        (
+            "GET /api/fota/v1/subscriptions/".into(),
+            400,
+            "INVALID_PARAMETER",
+        ),
+        (
+            "GET /gateway/v1/accounts/a/licenses/123456789012345678901".into(),
+            400,
+            "INVALID_PARAMETER",
+        ),
+        (
+            "GET /gateway/v1/accounts/a/licenses/-5".into(),
+            400,
+            "INVALID_PARAMETER",
+        ),
+        (
+            "GET /gateway/v1/accounts/%41/licenses".into(),
+            400,
+            "INVALID_PARAMETER",
+        ),
+        (
+            "GET /api/fota/v1/licenses/a//index/0".into(),
+            404,
+            "GW_NOT_FOUND",
+        ),
+        (
+            "GET //api/fota/v1/licenses/a/index/0".into(),
+            404,
+            "GW_NOT_FOUND",
+        ),
+        (
+            "GET /api/fota/v1/licenses/a/index/0/../../../ts/v1/oauth2/token".into(),
+            404,
+            "GW_NOT_FOUND",
+        ),
+        (
+            "GET /API/fota/v1/licenses/a/index/0".into(),
+            404,
+            "GW_NOT_FOUND",
+        ),
+        (
+            "GET /api/fota/v1/licenses/a/index/0/".into(),
+            404,
+            "GW_NOT_FOUND",
+        ),
+        ("GET /_sim/stats".into(), 404, "GW_NOT_FOUND"),
+        (
+            "POST /api/fota/v1/licenses/a/index/0".into(),
+            405,
+            "GW_METHOD_NOT_ALLOWED",
+        ),
+        (
+            "PUT /gateway/v1/accounts/a/licenses".into(),
+            405,
+            "GW_METHOD_NOT_ALLOWED",
+        ),
+        (
+            "GET /api/ts/v1/oauth2/token".into(),
+            405,
+            "GW_METHOD_NOT_ALLOWED",
+        ),
+        (
+            "DELETE /api/m2m/v1/session/login".into(),
+            405,
+            "GW_METHOD_NOT_ALLOWED",
+        ),
+    ];
+    for (line, status, code) in &cases {
+        let req = format!("{line} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let (got, body) = raw(gw.addr, req.as_bytes()).await;
+        assert_eq!(got, *status, "{line}: {body}");
+        assert!(body.contains(code), "{line}: {body}");
+    }
+    // Bytes no client library sends: rejected by the HTTP parser or by us, always 400.
+    for line in [
+        "GET /api/fota/v1/licenses/caf\u{e9}/index/0",
+        "GET /api/fota/v1/licenses/a\\b/index/0",
+    ] {
+        let req = format!("{line} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let (got, body) = raw(gw.addr, req.as_bytes()).await;
+        assert_eq!(got, 400, "{line}: {body}");
+    }
+    let auth = basic("ops", "ops-secret");
+    let account = sim.account_names()[0].clone();
+    let ok_path = license_path(&account, 0);
+    // 101 headers, Host included.
+    let mut req = format!(
+        "GET {ok_path} HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nConnection: close\r\n"
+    );
+    for i in 0..98 {
+        req.push_str(&format!("X-H{i}: v\r\n"));
+    }
+    req.push_str("\r\n");
+    let (got, body) = raw(gw.addr, req.as_bytes()).await;
+    assert_eq!(
+        (got, body.contains("GW_HEADERS_TOO_LARGE")),
+        (431, true),
+        "{body}"
+    );
+    // Header bytes over max_header_bytes (16 KiB).
+    let req = format!(
+        "GET {ok_path} HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+        "b".repeat(17 * 1024)
+    );
+    let (got, body) = raw(gw.addr, req.as_bytes()).await;
+    assert_eq!(
+        (got, body.contains("GW_HEADERS_TOO_LARGE")),
+        (431, true),
+        "{body}"
+    );
+    // A body on a GET.
+    let req = format!("GET {ok_path} HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello");
+    let (got, body) = raw(gw.addr, req.as_bytes()).await;
+    assert_eq!(
+        (got, body.contains("INVALID_PARAMETER")),
+        (400, true),
+        "{body}"
+    );
+    let req = format!(
+        "GET {ok_path} HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    );
+    let (got, _) = raw(gw.addr, req.as_bytes()).await;
+    assert_eq!(got, 400);
+    // No credentials, wrong credentials.
+    let (got, body) = raw(
+        gw.addr,
+        format!("GET {ok_path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!((got, body.contains("GW_UNAUTHORIZED")), (401, true));
+    assert_eq!(
+        sim.count("licenses") + sim.count("subscriptions"),
+        before,
+        "no hostile request reached the upstream"
+    );
+    assert!(cases.len() + 8 >= 30);
+}
+
+#[tokio::test]
+async fn tls_listener() {
+    thingspace_gateway::tls::install_crypto_provider();
+    let dir = std::env::temp_dir().join(format!("tsgw-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let sim = start_sim(sim_opts()).await;
+    let gw = start_gateway(config(
+        &sim.base_url(),
+        &format!(
+            "[server]\ntls_cert = {:?}\ntls_key = {:?}\n",
+            cert_path.display().to_string(),
+            key_path.display().to_string()
+        ),
+    ))
+    .await;
+    assert!(gw.base_url().starts_with("https://"));
+    let tls = thingspace_gateway::tls::client_config(&cert_path.display().to_string()).unwrap();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .build();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build::<_, http_body_util::Full<bytes::Bytes>>(connector);
+    let url = format!(
+        "https://localhost:{}{}",
+        gw.addr.port(),
+        license_path(&sim.account_names()[0], 0)
+    );
+    let resp = client.get(url.parse().unwrap()).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    // Plain HTTP to the TLS port gets nothing useful.
+    let (got, _) = raw(
+        gw.addr,
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_ne!(got, 200);
+}

@@ -1,0 +1,170 @@
+//! Whole-account endpoints over real sockets.
+
+mod common;
+
+use common::*;
+use http::{Method, StatusCode};
+use thingspace_gateway::sim::control::FaultRequest;
+use thingspace_gateway::sim::SimOptions;
+
+#[tokio::test]
+async fn twenty_five_pages_merge_into_one_document() {
+    let sim = start_sim(SimOptions {
+        accounts: 1,
+        devices: 25_000,
+        ..sim_opts()
+    })
+    .await;
+    let gw = start_gateway(config(
+        &sim.base_url(),
+        "[upstream]\nrate_per_second = 1000.0\nburst = 1000\n",
+    ))
+    .await;
+    let account = sim.account_names()[0].clone();
+    let url = format!("{}/gateway/v1/accounts/{account}/licenses", gw.base_url());
+    let r = get(&url).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.header("x-cache"), "MISS");
+    assert_eq!(sim.count("licenses"), 25);
+    // The concatenation of a direct page walk, device bytes unchanged.
+    let mut devices: Vec<u8> = Vec::new();
+    let mut first: Option<serde_json::Value> = None;
+    let mut index = 0u64;
+    loop {
+        let page = get(&format!(
+            "{}{}",
+            gw.base_url(),
+            license_path(&account, index)
+        ))
+        .await;
+        let text = std::str::from_utf8(&page.body).unwrap();
+        let list = &text[text.find("\"deviceList\":[").unwrap() + 14..text.rfind(']').unwrap()];
+        if !devices.is_empty() && !list.is_empty() {
+            devices.push(b',');
+        }
+        devices.extend_from_slice(list.as_bytes());
+        let p = page.json();
+        if first.is_none() {
+            first = Some(p.clone());
+        }
+        if !p["hasMoreData"].as_bool().unwrap() {
+            break;
+        }
+        index = p["lastSeenDeviceId"].as_u64().unwrap();
+    }
+    let first = first.unwrap();
+    let expected = format!(
+        "{{\"accountName\":{},\"totalLicenses\":{},\"assignedLicenses\":{},\"deviceCount\":25000,\"deviceList\":[{}]}}",
+        first["accountName"],
+        first["totalLicenses"],
+        first["assignedLicenses"],
+        String::from_utf8(devices).unwrap()
+    );
+    assert_eq!(std::str::from_utf8(&r.body).unwrap(), expected);
+    assert_eq!(r.json()["deviceList"].as_array().unwrap().len(), 25_000);
+    assert_eq!(
+        sim.count("licenses"),
+        25,
+        "the page walk was served from the cache"
+    );
+    // A second walk: no upstream call; ETag and 304; HEAD.
+    let again = get(&url).await;
+    assert_eq!(
+        (again.header("x-cache"), again.body == r.body),
+        ("HIT", true)
+    );
+    let etag = again.header("etag").to_string();
+    let r304 = get_with(&url, &[("if-none-match", &etag)]).await;
+    assert_eq!(r304.status, StatusCode::NOT_MODIFIED);
+    assert!(r304.body.is_empty());
+    let head = request(Method::HEAD, &url, &[], b"").await;
+    assert_eq!(head.header("content-length"), again.body.len().to_string());
+    assert_eq!(sim.count("licenses"), 25);
+}
+
+#[tokio::test]
+async fn device_lookup_present_and_absent() {
+    let sim = start_sim(sim_opts()).await;
+    let gw = start_gateway(config(&sim.base_url(), "")).await;
+    let account = sim.account_names()[0].clone();
+    let imeis = sim.imeis(&account);
+    let lookup = |id: String| {
+        format!(
+            "{}/gateway/v1/accounts/{account}/licenses/{id}",
+            gw.base_url()
+        )
+    };
+    for imei in [imeis[0], imeis[1500], imeis[2499]] {
+        let r = get(&lookup(imei.to_string())).await;
+        assert_eq!(r.status, StatusCode::OK);
+        let v = r.json();
+        assert_eq!(v["deviceId"], imei.to_string());
+        assert_eq!(v["licensed"], true);
+        assert!(v["assignmentTime"].is_string());
+    }
+    let r = get(&lookup((imeis[2499] + 1).to_string())).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json()["licensed"], false);
+    assert_eq!(r.json()["assignmentTime"], serde_json::Value::Null);
+    // Exact string comparison: leading zeros name another device.
+    let r = get(&lookup(format!("0{}", imeis[0]))).await;
+    assert_eq!(r.json()["licensed"], false);
+    assert_eq!(sim.count("licenses"), 3, "lookups share the walked pages");
+    // An unknown account's refusal is passed through.
+    let r = get(&format!(
+        "{}/gateway/v1/accounts/0000000000-00404/licenses/1",
+        gw.base_url()
+    ))
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        r.error_code(),
+        "UnifiedWebService.REQUEST_FAILED.AccountNotFound"
+    );
+}
+
+#[tokio::test]
+async fn cursor_that_does_not_advance_is_a_bad_gateway() {
+    let sim = start_sim(sim_opts()).await;
+    let gw = start_gateway(config(&sim.base_url(), "")).await;
+    let account = sim.account_names()[0].clone();
+    sim.apply(FaultRequest::kind("licenses", 1, "loop_cursor"))
+        .unwrap();
+    let r = get(&format!(
+        "{}/gateway/v1/accounts/{account}/licenses",
+        gw.base_url()
+    ))
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(r.error_code(), "GW_BAD_GATEWAY");
+    assert!(r.json()["errorMessage"]
+        .as_str()
+        .unwrap()
+        .contains("does not advance"));
+}
+
+#[tokio::test]
+async fn page_bound_guards_the_walk() {
+    let sim = start_sim(SimOptions {
+        page_size: 100,
+        ..sim_opts()
+    })
+    .await;
+    let gw = start_gateway(config(
+        &sim.base_url(),
+        "[upstream]\nmax_walk_pages = 5\nrate_per_second = 1000.0\nburst = 1000\n",
+    ))
+    .await;
+    let account = sim.account_names()[0].clone();
+    let r = get(&format!(
+        "{}/gateway/v1/accounts/{account}/licenses",
+        gw.base_url()
+    ))
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+    assert!(r.json()["errorMessage"]
+        .as_str()
+        .unwrap()
+        .contains("max_walk_pages"));
+    assert_eq!(sim.count("licenses"), 5);
+}

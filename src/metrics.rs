@@ -53,6 +53,7 @@ pub struct Metrics {
     pub token_expiry: GaugeVec,
     pub circuit_open: IntGauge,
     pub budget_available: Gauge,
+    pub login_paused: IntGaugeVec,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -203,6 +204,17 @@ impl Metrics {
                 ))
                 .unwrap_or_else(|_| unreachable!()),
             ),
+            login_paused: register(
+                &r,
+                IntGaugeVec::new(
+                    opts(
+                        "login_paused",
+                        "1 while upstream logins of this token are paused or stopped by the lockout guard.",
+                    ),
+                    &["token"],
+                )
+                .unwrap_or_else(|_| unreachable!()),
+            ),
             registry: r,
         };
         let build = register(
@@ -228,6 +240,7 @@ impl Metrics {
                 m.token_refreshes.with_label_values(&[token, outcome]);
             }
             m.token_expiry.with_label_values(&[token]);
+            m.login_paused.with_label_values(&[token]);
         }
         m
     }

@@ -696,8 +696,20 @@ impl TokenManager {
         })
     }
 
-    /// Refreshes the session expiry gauge (called at scrape time).
+    /// Refreshes the gauges that depend on the clock (called at scrape time).
     pub fn update_metrics(&self) {
+        let now = Instant::now();
+        for (token, guard) in [
+            ("oauth", &self.oauth_guard),
+            ("session", &self.session_guard),
+        ] {
+            let g = lock(guard);
+            let paused = g.stopped || g.paused_until.is_some_and(|u| u > now);
+            self.metrics
+                .login_paused
+                .with_label_values(&[token])
+                .set(i64::from(paused));
+        }
         let session = self.session.load_full();
         let v = session
             .map(|s| unix_secs(self.wall(self.session_expiry(&s))))

@@ -27,7 +27,41 @@ struct PageHead<'a> {
     #[serde(default)]
     last_seen_device_id: u64,
     #[serde(borrow)]
-    device_list: Vec<&'a RawValue>,
+    device_list: DeviceSpan<'a>,
+}
+
+/// The device list seen without collecting it: how many devices, and the first and last
+/// device's raw JSON (whose positions delimit the list's bytes in the page).
+#[derive(Default)]
+struct DeviceSpan<'a> {
+    count: usize,
+    first: Option<&'a RawValue>,
+    last: Option<&'a RawValue>,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for DeviceSpan<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visit<'a> {
+            type Value = DeviceSpan<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an array of devices")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut span = DeviceSpan::default();
+                while let Some(d) = seq.next_element::<&'de RawValue>()? {
+                    span.first.get_or_insert(d);
+                    span.last = Some(d);
+                    span.count += 1;
+                }
+                Ok(span)
+            }
+        }
+        d.deserialize_seq(Visit(std::marker::PhantomData))
+    }
 }
 
 #[derive(Deserialize)]
@@ -189,7 +223,7 @@ pub async fn account_licenses(
                 head.assigned_licenses.get()
             ));
         }
-        let (Some(first), Some(last)) = (head.device_list.first(), head.device_list.last()) else {
+        let (Some(first), Some(last)) = (head.device_list.first, head.device_list.last) else {
             continue;
         };
         let start = offset_in(&page.body, first.get()).ok_or_else(bad_page)?;
@@ -197,7 +231,7 @@ pub async fn account_licenses(
         if count > 0 {
             chunks.push(Bytes::from_static(b","));
         }
-        count += head.device_list.len();
+        count += head.device_list.count;
         // The devices' own bytes, separators included: a slice of the cached page, not a copy.
         chunks.push(page.body.slice(start..end));
     }
@@ -230,12 +264,15 @@ pub async fn device_license(
     let wanted: u64 = device_id.parse().unwrap_or(0);
     let mut found: Option<serde_json::Value> = None;
     'pages: for page in &w.pages {
-        let head: PageHead = serde_json::from_slice(&page.body).map_err(|_| bad_page())?;
-        let devices: Vec<Device> = head
-            .device_list
-            .iter()
-            .filter_map(|d| serde_json::from_str(d.get()).ok())
-            .collect();
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Devices<'a> {
+            #[serde(borrow)]
+            device_list: Vec<Device<'a>>,
+        }
+        let devices = serde_json::from_slice::<Devices>(&page.body)
+            .map_err(|_| bad_page())?
+            .device_list;
         // Pages hold IMEIs in increasing order: skip a page whose range cannot hold the id.
         let numeric = |d: &Device| d.device_id.parse::<u64>().ok();
         if let (Some(lo), Some(hi)) = (

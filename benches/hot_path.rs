@@ -1,0 +1,141 @@
+//! Criterion benches of the hot functions: routing and validation, the cache-hit request path
+//! (key → lookup → response with headers), response building alone, and the token read.
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use http::{Method, Request};
+use std::hint::black_box;
+use std::sync::Arc;
+use thingspace_gateway::app::Gateway;
+use thingspace_gateway::config::from_toml_with_env;
+use thingspace_gateway::proxy::ClientApi;
+use thingspace_gateway::respond::Body;
+use thingspace_gateway::route::route;
+use thingspace_gateway::sim::{SimOptions, Simulator};
+
+fn routing(c: &mut Criterion) {
+    let mut g = c.benchmark_group("route");
+    for (name, path) in [
+        (
+            "license_page",
+            "/api/fota/v1/licenses/0402196254-00001/index/366379200822499",
+        ),
+        (
+            "device_lookup",
+            "/gateway/v1/accounts/0402196254-00001/licenses/366379200822499",
+        ),
+        ("hostile", "/api/fota/v1/licenses/%2e%2e/index/0"),
+        ("unknown", "/wp-admin/setup.php"),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter(|| route(black_box(&Method::GET), black_box(path)))
+        });
+    }
+    g.finish();
+}
+
+struct Fixture {
+    _sim: Simulator,
+    gw: Arc<Gateway>,
+    api: ClientApi,
+    paths: Vec<(usize, String)>,
+}
+
+async fn fixture() -> Fixture {
+    let sim = Simulator::start(SimOptions {
+        listen: ([127, 0, 0, 1], 0).into(),
+        accounts: 2,
+        ..SimOptions::default()
+    })
+    .await
+    .expect("sim");
+    let cfg = from_toml_with_env(
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[upstream]\nbase_url = \"{}\"\n\
+             [credentials]\nclient_id = \"demo-key\"\nclient_secret = \"demo-secret\"\nusername = \"demo-user\"\npassword = \"demo-pass\"\n\
+             [clients]\nmode = \"none\"\n[cache]\nttl = \"1h\"\n",
+            sim.base_url()
+        ),
+        &[],
+    )
+    .expect("config");
+    let gw = Gateway::with_transport(cfg, sim.transport(1 << 26));
+    let api = ClientApi(gw.clone());
+    let names = sim.account_names();
+    let imeis = sim.imeis(&names[0]);
+    // A full 1000-device page (~80 KB) and the 100-device tail page of the account (~8 KB).
+    let paths = vec![
+        (1000, format!("/api/fota/v1/licenses/{}/index/0", names[0])),
+        (
+            100,
+            format!("/api/fota/v1/licenses/{}/index/{}", names[0], imeis[2399]),
+        ),
+    ];
+    for (_, p) in &paths {
+        let resp = api
+            .serve(Request::get(p.as_str()).body(Body::default()).expect("req"))
+            .await;
+        assert_eq!(resp.status(), 200);
+    }
+    Fixture {
+        _sim: sim,
+        gw,
+        api,
+        paths,
+    }
+}
+
+fn hit_path(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let f = rt.block_on(fixture());
+    let mut g = c.benchmark_group("cache_hit");
+    for (devices, path) in &f.paths {
+        for gzip in [false, true] {
+            let id = BenchmarkId::new(
+                if gzip { "gzip" } else { "identity" },
+                format!("{devices}_devices"),
+            );
+            g.throughput(Throughput::Elements(1));
+            g.bench_with_input(id, path, |b, path| {
+                b.to_async(&rt).iter(|| async {
+                    let mut req = Request::get(path.as_str());
+                    if gzip {
+                        req = req.header("accept-encoding", "gzip");
+                    }
+                    let resp = f.api.serve(req.body(Body::default()).expect("req")).await;
+                    black_box(resp)
+                })
+            });
+        }
+    }
+    g.finish();
+    let mut g = c.benchmark_group("tokens");
+    g.bench_function("credentials_when_held", |b| {
+        b.to_async(&rt).iter(|| async {
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+            black_box(f.gw.tokens.credentials(deadline).await.expect("creds"))
+        })
+    });
+    g.finish();
+    let body = Bytes::from(vec![b'x'; 80_000]);
+    let mut g = c.benchmark_group("entry");
+    g.bench_function("build_80KB_with_gzip_and_etag", |b| {
+        b.iter(|| {
+            black_box(thingspace_gateway::cache::Entry::new(
+                http::StatusCode::OK,
+                thingspace_gateway::respond::JSON,
+                body.clone(),
+                tokio::time::Instant::now(),
+                std::time::Duration::from_secs(60),
+            ))
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, routing, hit_path);
+criterion_main!(benches);

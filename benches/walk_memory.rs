@@ -1,0 +1,91 @@
+//! Memory of a whole-account walk: bytes allocated while answering a 25-page account from a warm
+//! cache, against the size of the pages the cache already holds. The merged document is built
+//! from slices of the cached pages, so the answer should allocate a small fraction of them.
+//!
+//! Run: cargo bench --bench walk_memory
+
+use http::Request;
+use http_body_util::BodyExt;
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use thingspace_gateway::app::Gateway;
+use thingspace_gateway::config::from_toml_with_env;
+use thingspace_gateway::proxy::ClientApi;
+use thingspace_gateway::respond::Body;
+use thingspace_gateway::sim::{SimOptions, Simulator};
+
+/// Counts bytes allocated (not freed) so a run can be measured.
+struct Counting;
+
+static ALLOCATED: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards every call to the system allocator unchanged; only adds a counter.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATED.fetch_add(layout.size(), Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATED.fetch_add(new_size.saturating_sub(layout.size()), Ordering::Relaxed);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let sim = Simulator::start(SimOptions {
+            listen: ([127, 0, 0, 1], 0).into(),
+            accounts: 1,
+            devices: 25_000,
+            ..SimOptions::default()
+        })
+        .await
+        .expect("sim");
+        let cfg = from_toml_with_env(
+            &format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[upstream]\nbase_url = \"{}\"\nrate_per_second = 1000.0\nburst = 1000\n\
+                 [credentials]\nclient_id = \"demo-key\"\nclient_secret = \"demo-secret\"\nusername = \"demo-user\"\npassword = \"demo-pass\"\n\
+                 [clients]\nmode = \"none\"\n[cache]\nttl = \"1h\"\n",
+                sim.base_url()
+            ),
+            &[],
+        )
+        .expect("config");
+        let gw = Gateway::with_transport(cfg, sim.transport(1 << 26));
+        let api = ClientApi(gw.clone());
+        let path = format!("/gateway/v1/accounts/{}/licenses", sim.account_names()[0]);
+        let walk = || async {
+            let resp = api.serve(Request::get(path.as_str()).body(Body::default()).expect("req")).await;
+            assert_eq!(resp.status(), 200);
+            resp.into_body().collect().await.expect("body").to_bytes().len()
+        };
+        let len = walk().await; // fills the cache
+        let (_, cached) = gw.cache.store.size().await;
+        let mut per_walk = Vec::new();
+        for _ in 0..5 {
+            let before = ALLOCATED.load(Ordering::Relaxed);
+            let resp = api.serve(Request::get(path.as_str()).body(Body::default()).expect("req")).await;
+            let chunks = resp.body().chunks().count();
+            let after = ALLOCATED.load(Ordering::Relaxed);
+            drop(resp);
+            per_walk.push((after - before, chunks));
+        }
+        per_walk.sort();
+        let (median, chunks) = per_walk[per_walk.len() / 2];
+        println!("walk of 25 pages: document {len} bytes in {chunks} chunks; cache holds {cached} bytes");
+        println!(
+            "allocated per warm walk (median of 5): {median} bytes = {:.1}% of the document",
+            100.0 * median as f64 / len as f64
+        );
+    });
+}

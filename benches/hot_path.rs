@@ -1,7 +1,6 @@
 //! Criterion benches of the hot functions: routing and validation, the cache-hit request path
 //! (key → lookup → response with headers), response building alone, and the token read.
 
-use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use http::{Method, Request};
 use std::hint::black_box;
@@ -121,9 +120,11 @@ fn hit_path(c: &mut Criterion) {
         })
     });
     g.finish();
-    let body = Bytes::from(vec![b'x'; 80_000]);
+    // A real 1000-device page, as the simulator renders it.
+    let page = thingspace_gateway::sim::data::generate(1, 1000, 1);
+    let body = page[0].page(0, 1000, None);
     let mut g = c.benchmark_group("entry");
-    g.bench_function("build_80KB_with_gzip_and_etag", |b| {
+    g.bench_function("build_80KB_page_with_gzip_and_etag", |b| {
         b.iter(|| {
             black_box(thingspace_gateway::cache::Entry::new(
                 http::StatusCode::OK,

@@ -88,7 +88,9 @@ impl Entry {
             status,
             content_type,
             gzip: gzip(&body),
-            body,
+            // An upstream body may be a slice of a larger read buffer: keep an exact-size copy
+            // so the cache holds what its weigher counts, not the buffer behind it.
+            body: Bytes::copy_from_slice(&body),
             etag,
             fetched_at,
             fresh_for,
@@ -155,7 +157,7 @@ fn gzip(body: &[u8]) -> Option<Bytes> {
     );
     enc.write_all(body).ok()?;
     let out = enc.finish().ok()?;
-    (out.len() < body.len()).then(|| Bytes::from(out))
+    (out.len() < body.len()).then(|| Bytes::from(out.into_boxed_slice()))
 }
 
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

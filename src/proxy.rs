@@ -19,6 +19,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::time::Instant;
 
+/// The tracing target of the one-line-per-request access log: `RUST_LOG=info,access=off` turns it
+/// off like nginx's `access_log off`.
+pub const ACCESS_LOG: &str = "access";
+
 /// More request headers than this (Host included) → 431.
 pub const MAX_HEADERS: usize = 100;
 /// POST bodies (token and login requests) are small forms.
@@ -241,10 +245,12 @@ pub async fn fetch_entry(
                 resp.status.as_u16()
             )));
         };
+        // A copy, not a clone: a parsed header value shares the connection's whole read buffer,
+        // which the cache would then keep alive alongside the entry.
         let content_type = resp
             .headers
             .get(header::CONTENT_TYPE)
-            .cloned()
+            .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok())
             .unwrap_or(crate::respond::JSON);
         return Ok(Arc::new(Entry::new(
             resp.status,
@@ -531,6 +537,7 @@ impl ClientApi {
         let elapsed = started.elapsed();
         g.metrics.record_http(label, status, elapsed.as_secs_f64());
         tracing::info!(
+            target: ACCESS_LOG,
             request_id = ctx.request_id.to_str().unwrap_or("-"),
             method = %method,
             route = label,

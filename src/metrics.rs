@@ -4,8 +4,8 @@
 //! Every series of a fixed label set is registered at zero at start so dashboards see it.
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 const NS: &str = "thingspace_gateway";
@@ -54,16 +54,53 @@ pub struct Metrics {
     pub circuit_open: IntGauge,
     pub budget_available: Gauge,
     pub login_paused: IntGaugeVec,
+    // Handles resolved once, so the hit path does no label lookups.
+    pub lookup_hit: IntCounter,
+    pub lookup_miss: IntCounter,
+    pub lookup_stale: IntCounter,
+    pub lookup_coalesced: IntCounter,
+    http_ok: Vec<IntCounter>,
+    http_hist: Vec<Histogram>,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
     Opts::new(name, help).namespace(NS)
 }
 
-fn register<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
-    // Names are fixed and unique in this file, so registration cannot collide.
-    let _ = r.register(Box::new(c.clone()));
+/// Registers a collector built from a fixed definition in this file. Such a definition cannot be
+/// invalid or collide, so a failure here is a bug caught by the unit test, never a runtime state.
+fn register<C: prometheus::core::Collector + Clone + 'static>(
+    r: &Registry,
+    c: prometheus::Result<C>,
+) -> C {
+    let c = c.unwrap_or_else(|e| panic!("metric definition: {e}"));
+    r.register(Box::new(c.clone()))
+        .unwrap_or_else(|e| panic!("metric registration: {e}"));
     c
+}
+
+fn counters(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    register(r, IntCounterVec::new(opts(name, help), labels))
+}
+
+fn histograms(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: Vec<f64>,
+) -> HistogramVec {
+    register(
+        r,
+        HistogramVec::new(
+            HistogramOpts::from(opts(name, help)).buckets(buckets),
+            labels,
+        ),
+    )
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    register(r, IntGauge::with_opts(opts(name, help)))
 }
 
 impl Default for Metrics {
@@ -75,6 +112,7 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let r = Registry::new();
+        // Hits take well under a millisecond; upstream calls up to the 15 s attempt timeout.
         let fast = vec![
             0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
             2.5, 5.0, 10.0, 30.0,
@@ -82,180 +120,151 @@ impl Metrics {
         let slow = vec![
             0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0,
         ];
-        let m = Metrics {
-            http_requests: register(
-                &r,
-                IntCounterVec::new(
-                    opts(
-                        "http_requests_total",
-                        "Client API requests by route and status.",
-                    ),
-                    &["route", "status"],
-                )
-                .unwrap_or_else(|_| unreachable!()),
+        let http_requests = counters(
+            &r,
+            "http_requests_total",
+            "Client API requests by route and status.",
+            &["route", "status"],
+        );
+        let http_duration = histograms(
+            &r,
+            "http_request_duration_seconds",
+            "Client API request duration by route.",
+            &["route"],
+            fast,
+        );
+        let cache_lookups = counters(
+            &r,
+            "cache_lookups_total",
+            "Cache lookups by result.",
+            &["result"],
+        );
+        let token_refreshes = counters(
+            &r,
+            "token_refreshes_total",
+            "Upstream token refreshes by token and outcome.",
+            &["token", "outcome"],
+        );
+        let token_expiry = register(
+            &r,
+            GaugeVec::new(
+                opts(
+                    "token_expiry_timestamp_seconds",
+                    "Unix time at which the held token expires (0 when none is held).",
+                ),
+                &["token"],
             ),
-            http_duration: register(
-                &r,
-                HistogramVec::new(
-                    HistogramOpts::from(opts(
-                        "http_request_duration_seconds",
-                        "Client API request duration by route.",
-                    ))
-                    .buckets(fast),
-                    &["route"],
-                )
-                .unwrap_or_else(|_| unreachable!()),
+        );
+        let login_paused = register(
+            &r,
+            IntGaugeVec::new(
+                opts(
+                    "login_paused",
+                    "1 while upstream logins of this token are paused or stopped by the lockout guard.",
+                ),
+                &["token"],
             ),
-            cache_lookups: register(
+        );
+        let upstream_throttled = counters(
+            &r,
+            "upstream_throttled_total",
+            "Client requests answered without a fresh upstream answer, by reason.",
+            &["reason"],
+        );
+        let upstream_duration = histograms(
+            &r,
+            "upstream_request_duration_seconds",
+            "Upstream attempt duration by endpoint.",
+            &["endpoint"],
+            slow,
+        );
+        let build = register(
+            &r,
+            IntGaugeVec::new(opts("build_info", "Build information."), &["version"]),
+        );
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        // Every series of a fixed label set exists at zero from the start.
+        for e in Endpoint::ALL {
+            upstream_duration.with_label_values(&[e.label()]);
+        }
+        for reason in ["budget", "upstream_429", "circuit_open"] {
+            upstream_throttled.with_label_values(&[reason]);
+        }
+        for token in ["oauth", "session"] {
+            for outcome in ["success", "failure", "rejected"] {
+                token_refreshes.with_label_values(&[token, outcome]);
+            }
+            token_expiry.with_label_values(&[token]);
+            login_paused.with_label_values(&[token]);
+        }
+        let http_ok = crate::route::ROUTE_LABELS
+            .iter()
+            .map(|route| http_requests.with_label_values(&[route, "200"]))
+            .collect();
+        let http_hist = crate::route::ROUTE_LABELS
+            .iter()
+            .map(|route| http_duration.with_label_values(&[route]))
+            .collect();
+        Metrics {
+            lookup_hit: cache_lookups.with_label_values(&["hit"]),
+            lookup_miss: cache_lookups.with_label_values(&["miss"]),
+            lookup_stale: cache_lookups.with_label_values(&["stale"]),
+            lookup_coalesced: cache_lookups.with_label_values(&["coalesced"]),
+            http_ok,
+            http_hist,
+            http_requests,
+            http_duration,
+            cache_lookups,
+            cache_entries: gauge(&r, "cache_entries", "Entries in the page cache."),
+            cache_bytes: gauge(
                 &r,
-                IntCounterVec::new(
-                    opts("cache_lookups_total", "Cache lookups by result."),
-                    &["result"],
-                )
-                .unwrap_or_else(|_| unreachable!()),
+                "cache_bytes",
+                "Bytes held by the page cache (its weight).",
             ),
-            cache_entries: register(
+            upstream_requests: counters(
                 &r,
-                IntGauge::with_opts(opts("cache_entries", "Entries in the page cache."))
-                    .unwrap_or_else(|_| unreachable!()),
+                "upstream_requests_total",
+                "Upstream attempts by endpoint and status (code, timeout or error).",
+                &["endpoint", "status"],
             ),
-            cache_bytes: register(
-                &r,
-                IntGauge::with_opts(opts(
-                    "cache_bytes",
-                    "Bytes held by the page cache (its weight).",
-                ))
-                .unwrap_or_else(|_| unreachable!()),
-            ),
-            upstream_requests: register(
-                &r,
-                IntCounterVec::new(
-                    opts(
-                        "upstream_requests_total",
-                        "Upstream attempts by endpoint and status (code, timeout or error).",
-                    ),
-                    &["endpoint", "status"],
-                )
-                .unwrap_or_else(|_| unreachable!()),
-            ),
-            upstream_duration: register(
-                &r,
-                HistogramVec::new(
-                    HistogramOpts::from(opts(
-                        "upstream_request_duration_seconds",
-                        "Upstream attempt duration by endpoint.",
-                    ))
-                    .buckets(slow),
-                    &["endpoint"],
-                )
-                .unwrap_or_else(|_| unreachable!()),
-            ),
-            upstream_inflight: register(
-                &r,
-                IntGauge::with_opts(opts("upstream_inflight", "Upstream requests in flight."))
-                    .unwrap_or_else(|_| unreachable!()),
-            ),
-            upstream_throttled: register(
-                &r,
-                IntCounterVec::new(
-                    opts(
-                        "upstream_throttled_total",
-                        "Client requests answered without a fresh upstream answer, by reason.",
-                    ),
-                    &["reason"],
-                )
-                .unwrap_or_else(|_| unreachable!()),
-            ),
-            token_refreshes: register(
-                &r,
-                IntCounterVec::new(
-                    opts(
-                        "token_refreshes_total",
-                        "Upstream token refreshes by token and outcome.",
-                    ),
-                    &["token", "outcome"],
-                )
-                .unwrap_or_else(|_| unreachable!()),
-            ),
-            token_expiry: register(
-                &r,
-                GaugeVec::new(
-                    opts(
-                        "token_expiry_timestamp_seconds",
-                        "Unix time at which the held token expires (0 when none is held).",
-                    ),
-                    &["token"],
-                )
-                .unwrap_or_else(|_| unreachable!()),
-            ),
-            circuit_open: register(
-                &r,
-                IntGauge::with_opts(opts(
-                    "circuit_open",
-                    "1 while the upstream circuit is open.",
-                ))
-                .unwrap_or_else(|_| unreachable!()),
-            ),
+            upstream_duration,
+            upstream_inflight: gauge(&r, "upstream_inflight", "Upstream requests in flight."),
+            upstream_throttled,
+            token_refreshes,
+            token_expiry,
+            circuit_open: gauge(&r, "circuit_open", "1 while the upstream circuit is open."),
             budget_available: register(
                 &r,
                 Gauge::with_opts(opts(
                     "upstream_budget_available",
                     "Tokens left in the upstream rate bucket.",
-                ))
-                .unwrap_or_else(|_| unreachable!()),
+                )),
             ),
-            login_paused: register(
-                &r,
-                IntGaugeVec::new(
-                    opts(
-                        "login_paused",
-                        "1 while upstream logins of this token are paused or stopped by the lockout guard.",
-                    ),
-                    &["token"],
-                )
-                .unwrap_or_else(|_| unreachable!()),
-            ),
+            login_paused,
             registry: r,
-        };
-        let build = register(
-            &m.registry,
-            IntGaugeVec::new(opts("build_info", "Build information."), &["version"])
-                .unwrap_or_else(|_| unreachable!()),
-        );
-        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        for route in crate::route::ROUTE_LABELS {
-            m.http_duration.with_label_values(&[route]);
         }
-        for result in ["hit", "miss", "stale", "coalesced"] {
-            m.cache_lookups.with_label_values(&[result]);
-        }
-        for e in Endpoint::ALL {
-            m.upstream_duration.with_label_values(&[e.label()]);
-        }
-        for reason in ["budget", "upstream_429", "circuit_open"] {
-            m.upstream_throttled.with_label_values(&[reason]);
-        }
-        for token in ["oauth", "session"] {
-            for outcome in ["success", "failure", "rejected"] {
-                m.token_refreshes.with_label_values(&[token, outcome]);
-            }
-            m.token_expiry.with_label_values(&[token]);
-            m.login_paused.with_label_values(&[token]);
-        }
-        m
     }
 
-    pub fn record_http(&self, route: &str, status: u16, seconds: f64) {
-        self.http_requests
-            .with_label_values(&[route, status_label(status)])
-            .inc();
-        self.http_duration
-            .with_label_values(&[route])
-            .observe(seconds);
+    /// `route` is an index into [`crate::route::ROUTE_LABELS`].
+    pub fn record_http(&self, route: usize, status: u16, seconds: f64) {
+        let label = crate::route::ROUTE_LABELS[route.min(crate::route::UNMATCHED)];
+        if status == 200 {
+            self.http_ok[route.min(crate::route::UNMATCHED)].inc();
+        } else {
+            self.http_requests
+                .with_label_values(&[label, status_label(status)])
+                .inc();
+        }
+        self.http_hist[route.min(crate::route::UNMATCHED)].observe(seconds);
     }
 
-    pub fn cache_lookup(&self, result: &str) {
-        self.cache_lookups.with_label_values(&[result]).inc();
+    /// A lookup that fetched: the leader counts a miss, joiners count as coalesced.
+    pub fn lookup(&self, coalesced: bool) {
+        if coalesced {
+            self.lookup_coalesced.inc();
+        } else {
+            self.lookup_miss.inc();
+        }
     }
 
     pub fn record_upstream(&self, endpoint: Endpoint, status: &str, seconds: f64) {

@@ -279,11 +279,11 @@ impl Gateway {
         if let Some(e) = &existing {
             match e.freshness(now, &self.cache.windows) {
                 Freshness::Fresh => {
-                    self.metrics.cache_lookup("hit");
+                    self.metrics.lookup_hit.inc();
                     return Ok((e.clone(), CacheResult::Hit));
                 }
                 Freshness::Revalidate => {
-                    self.metrics.cache_lookup("stale");
+                    self.metrics.lookup_stale.inc();
                     if e.claim_refresh() {
                         self.spawn_refresh(key, e.clone(), ctx.request_id.clone());
                     }
@@ -301,11 +301,7 @@ impl Gateway {
         let (result, join) = self.cache.fetch(key, ctx.deadline, fetch).await;
         match result {
             Ok(e) => {
-                self.metrics.cache_lookup(if join == Join::Coalesced {
-                    "coalesced"
-                } else {
-                    "miss"
-                });
+                self.metrics.lookup(join == Join::Coalesced);
                 Ok((e, CacheResult::Miss))
             }
             Err(err) => {
@@ -316,16 +312,12 @@ impl Gateway {
                     err.stale_eligible() && e.usable_on_error(Instant::now(), &self.cache.windows)
                 }) {
                     Some(e) => {
-                        self.metrics.cache_lookup("stale");
+                        self.metrics.lookup_stale.inc();
                         tracing::debug!(error = %err, "serving stale copy");
                         Ok((e, CacheResult::Stale))
                     }
                     None => {
-                        self.metrics.cache_lookup(if join == Join::Coalesced {
-                            "coalesced"
-                        } else {
-                            "miss"
-                        });
+                        self.metrics.lookup(join == Join::Coalesced);
                         Err(err)
                     }
                 }
@@ -430,12 +422,12 @@ impl Gateway {
         let key = match &route {
             Route::LicensePage { account, index } => Key {
                 kind: Kind::Page,
-                account: account.as_str().into(),
+                account: account.clone(),
                 index: *index,
             },
             Route::Subscription { account } => Key {
                 kind: Kind::Subscription,
-                account: account.as_str().into(),
+                account: account.clone(),
                 index: 0,
             },
             Route::SessionLogin => return Ok((self.session_login(req.into_body()).await?, None)),
@@ -504,7 +496,11 @@ impl ClientApi {
         };
         let method = req.method().clone();
         let routed = route(req.method(), req.uri().path());
-        let label = routed.as_ref().map(Route::label).unwrap_or("unmatched");
+        let route_index = routed
+            .as_ref()
+            .map(Route::metric_index)
+            .unwrap_or(crate::route::UNMATCHED);
+        let label = crate::route::ROUTE_LABELS[route_index];
         let in_flight = g.inflight.fetch_add(1, Ordering::Relaxed);
         let _guard = InflightGuard(g);
         let outcome = match routed {
@@ -535,7 +531,8 @@ impl ClientApi {
             .insert("x-request-id", ctx.request_id.clone());
         let status = resp.status().as_u16();
         let elapsed = started.elapsed();
-        g.metrics.record_http(label, status, elapsed.as_secs_f64());
+        g.metrics
+            .record_http(route_index, status, elapsed.as_secs_f64());
         tracing::info!(
             target: ACCESS_LOG,
             request_id = ctx.request_id.to_str().unwrap_or("-"),

@@ -9,38 +9,54 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 /// A response body made of shared `Bytes` chunks: a cache hit hands out the cached buffer
-/// itself, and a merged account document is a list of slices of cached pages. Nothing is copied.
+/// itself, and a merged account document is a list of slices of cached pages. Nothing is copied,
+/// and the common single-chunk body allocates nothing.
 #[derive(Debug, Default)]
 pub struct Body {
-    chunks: VecDeque<Bytes>,
+    chunks: Chunks,
+}
+
+#[derive(Debug, Default)]
+enum Chunks {
+    #[default]
+    Empty,
+    One(Bytes),
+    Many(VecDeque<Bytes>),
 }
 
 impl Body {
     pub fn new(bytes: Bytes) -> Self {
-        let mut chunks = VecDeque::with_capacity(1);
-        if !bytes.is_empty() {
-            chunks.push_back(bytes);
-        }
+        let chunks = if bytes.is_empty() {
+            Chunks::Empty
+        } else {
+            Chunks::One(bytes)
+        };
         Self { chunks }
     }
 
     pub fn from_chunks(chunks: impl IntoIterator<Item = Bytes>) -> Self {
+        let list: VecDeque<Bytes> = chunks.into_iter().filter(|c| !c.is_empty()).collect();
         Self {
-            chunks: chunks.into_iter().filter(|c| !c.is_empty()).collect(),
+            chunks: Chunks::Many(list),
         }
     }
 
     pub fn len(&self) -> usize {
-        self.chunks.iter().map(Bytes::len).sum()
+        self.chunks().map(Bytes::len).sum()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.chunks.is_empty()
+        self.chunks().next().is_none()
     }
 
     /// The chunks themselves (tests check that they share the cached buffers).
     pub fn chunks(&self) -> impl Iterator<Item = &Bytes> {
-        self.chunks.iter()
+        let (one, many) = match &self.chunks {
+            Chunks::Empty => (None, None),
+            Chunks::One(b) => (Some(b), None),
+            Chunks::Many(list) => (None, Some(list.iter())),
+        };
+        one.into_iter().chain(many.into_iter().flatten())
     }
 }
 
@@ -58,11 +74,19 @@ impl hyper::body::Body for Body {
         mut self: Pin<&mut Self>,
         _cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        Poll::Ready(self.chunks.pop_front().map(|c| Ok(Frame::data(c))))
+        let next = match &mut self.chunks {
+            Chunks::Empty => None,
+            Chunks::One(_) => match std::mem::take(&mut self.chunks) {
+                Chunks::One(b) => Some(b),
+                _ => None,
+            },
+            Chunks::Many(list) => list.pop_front(),
+        };
+        Poll::Ready(next.map(|c| Ok(Frame::data(c))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.chunks.is_empty()
+        self.is_empty()
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -4,23 +4,30 @@
 //! from the path reaches the upstream unless it passed these checks.
 
 use http::Method;
+use std::sync::Arc;
 
 /// The client API's routes, with their parameters checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
     /// `GET /api/fota/v1/licenses/{account}/index/{startIndex}`
-    LicensePage { account: String, index: u64 },
+    LicensePage { account: Arc<str>, index: u64 },
     /// `GET /api/fota/v1/subscriptions/{account}`
-    Subscription { account: String },
+    Subscription { account: Arc<str> },
     /// `GET /gateway/v1/accounts/{account}/licenses`
-    AccountLicenses { account: String },
+    AccountLicenses { account: Arc<str> },
     /// `GET /gateway/v1/accounts/{account}/licenses/{deviceId}`
-    DeviceLicense { account: String, device_id: String },
+    DeviceLicense {
+        account: Arc<str>,
+        device_id: String,
+    },
     /// `POST /api/ts/v1/oauth2/token`
     Token,
     /// `POST /api/m2m/v1/session/login`
     SessionLogin,
 }
+
+/// Index of `unmatched` in [`ROUTE_LABELS`]: requests that matched no route.
+pub const UNMATCHED: usize = 6;
 
 /// Every route's metric label, in one fixed set (pre-registered at zero).
 pub const ROUTE_LABELS: [&str; 7] = [
@@ -35,13 +42,18 @@ pub const ROUTE_LABELS: [&str; 7] = [
 
 impl Route {
     pub fn label(&self) -> &'static str {
+        ROUTE_LABELS[self.metric_index()]
+    }
+
+    /// Position of the route's label in [`ROUTE_LABELS`].
+    pub fn metric_index(&self) -> usize {
         match self {
-            Route::LicensePage { .. } => "licenses",
-            Route::Subscription { .. } => "subscriptions",
-            Route::AccountLicenses { .. } => "account_licenses",
-            Route::DeviceLicense { .. } => "device_license",
-            Route::Token => "oauth_token",
-            Route::SessionLogin => "session_login",
+            Route::LicensePage { .. } => 0,
+            Route::Subscription { .. } => 1,
+            Route::AccountLicenses { .. } => 2,
+            Route::DeviceLicense { .. } => 3,
+            Route::Token => 4,
+            Route::SessionLogin => 5,
         }
     }
 
@@ -87,9 +99,9 @@ pub fn parse_u64_param(s: &str) -> Option<u64> {
     s.parse().ok()
 }
 
-fn account(s: &str) -> Result<String, RouteError> {
+fn account(s: &str) -> Result<Arc<str>, RouteError> {
     if valid_account(s) {
-        Ok(s.to_string())
+        Ok(Arc::from(s))
     } else {
         Err(RouteError::InvalidParameter(INVALID_ACCOUNT))
     }
@@ -113,8 +125,12 @@ fn check_method(method: &Method, post: bool) -> Result<(), RouteError> {
 /// Maps a method and a raw path (no query) to a route.
 pub fn route(method: &Method, path: &str) -> Result<Route, RouteError> {
     if let Some(rest) = path.strip_prefix(LICENSES) {
-        let seg: Vec<&str> = rest.split('/').collect();
-        let [acct, "index", idx] = seg[..] else {
+        // `{account}/index/{startIndex}`, split without allocating.
+        let Some((acct, idx)) = rest
+            .split_once('/')
+            .and_then(|(a, r)| r.strip_prefix("index/").map(|i| (a, i)))
+            .filter(|(_, i)| !i.contains('/'))
+        else {
             return Err(RouteError::NotFound);
         };
         check_method(method, false)?;
@@ -132,15 +148,17 @@ pub fn route(method: &Method, path: &str) -> Result<Route, RouteError> {
         });
     }
     if let Some(rest) = path.strip_prefix(ACCOUNTS) {
-        let seg: Vec<&str> = rest.split('/').collect();
-        return match seg[..] {
-            [acct, "licenses"] => {
-                check_method(method, false)?;
-                Ok(Route::AccountLicenses {
-                    account: account(acct)?,
-                })
-            }
-            [acct, "licenses", dev] => {
+        let Some((acct, tail)) = rest.split_once('/') else {
+            return Err(RouteError::NotFound);
+        };
+        if tail == "licenses" {
+            check_method(method, false)?;
+            return Ok(Route::AccountLicenses {
+                account: account(acct)?,
+            });
+        }
+        return match tail.strip_prefix("licenses/") {
+            Some(dev) if !dev.contains('/') => {
                 check_method(method, false)?;
                 let account = account(acct)?;
                 parse_u64_param(dev).ok_or(RouteError::InvalidParameter(INVALID_DEVICE))?;

@@ -16,6 +16,9 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
+/// hyper's own default buffer limit (8 KiB + 4 KiB x 100).
+const HYPER_DEFAULT_MAX_BUF: usize = 8192 + 4096 * 100;
+
 #[derive(Clone)]
 pub struct ServeOptions {
     pub max_connections: usize,
@@ -109,7 +112,9 @@ pub async fn serve<H: Handler>(
         builder
             .timer(TokioTimer::new())
             .header_read_timeout(opts.header_read_timeout)
-            .max_buf_size(opts.max_head_bytes.max(8192))
+            // Also caps hyper's write queue: keep it at least hyper's default (~400 KiB), or
+            // large bodies are written in more, smaller syscalls.
+            .max_buf_size(opts.max_head_bytes.max(HYPER_DEFAULT_MAX_BUF))
             .max_headers(opts.max_headers)
             .keep_alive(true);
         let handler = handler.clone();

@@ -121,7 +121,7 @@ fn routing_accepts_exactly_the_valid_shapes() {
             Ok(Route::LicensePage { account, index }) => {
                 let rest = path.strip_prefix("/api/fota/v1/licenses/").expect(&ctx);
                 let (a, idx) = rest.split_once("/index/").expect(&ctx);
-                assert!(a == account && valid_account(a), "{ctx}");
+                assert!(a == &**account && valid_account(a), "{ctx}");
                 assert!(
                     valid_number(idx) && idx.parse::<u64>().ok() == Some(*index),
                     "{ctx}"

@@ -13,6 +13,16 @@ use tokio::time::Instant;
 
 pub struct AdminApi(pub Arc<Gateway>);
 
+/// Every admin route's path template (as in `deploy/openapi.yaml`) and its methods.
+pub const ADMIN_ROUTES: [(&str, &[&str]); 6] = [
+    ("/metrics", &["GET", "HEAD"]),
+    ("/healthz", &["GET", "HEAD"]),
+    ("/readyz", &["GET", "HEAD"]),
+    ("/status", &["GET", "HEAD"]),
+    ("/cache", &["DELETE"]),
+    ("/cache/accounts/{account}", &["DELETE"]),
+];
+
 fn not_found() -> Response<Body> {
     crate::error::GatewayError::NotFound.to_response()
 }

@@ -382,7 +382,20 @@ impl Gateway {
 
     /// `POST /api/m2m/v1/session/login`: answered locally; the real session stays in the gateway.
     async fn session_login<B: ClientBody>(&self, body: B) -> Result<Response<Body>, GatewayError> {
-        self.read_post_body(body).await?;
+        // ThingSpace's login body; the values are not used (the real session is the gateway's).
+        #[derive(serde::Deserialize)]
+        struct Login {
+            #[allow(dead_code)]
+            username: String,
+            #[allow(dead_code)]
+            password: String,
+        }
+        let body = self.read_post_body(body).await?;
+        if serde_json::from_slice::<Login>(&body).is_err() {
+            return Err(GatewayError::BadRequest(
+                "login body must be {\"username\": string, \"password\": string}",
+            ));
+        }
         let mut b = [0u8; 16];
         b.iter_mut().for_each(|x| *x = fastrand::u8(..));
         let token: String = b.iter().map(|x| format!("{x:02x}")).collect();

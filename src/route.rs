@@ -26,6 +26,22 @@ pub enum Route {
     SessionLogin,
 }
 
+/// Every client route's path template (as in `deploy/openapi.yaml`) and its methods.
+pub const CLIENT_ROUTES: [(&str, &[&str]); 6] = [
+    (
+        "/api/fota/v1/licenses/{account}/index/{startIndex}",
+        &["GET", "HEAD"],
+    ),
+    ("/api/fota/v1/subscriptions/{account}", &["GET", "HEAD"]),
+    ("/gateway/v1/accounts/{account}/licenses", &["GET", "HEAD"]),
+    (
+        "/gateway/v1/accounts/{account}/licenses/{deviceId}",
+        &["GET", "HEAD"],
+    ),
+    ("/api/ts/v1/oauth2/token", &["POST"]),
+    ("/api/m2m/v1/session/login", &["POST"]),
+];
+
 /// Index of `unmatched` in [`ROUTE_LABELS`]: requests that matched no route.
 pub const UNMATCHED: usize = 6;
 
@@ -55,6 +71,11 @@ impl Route {
             Route::Token => 4,
             Route::SessionLogin => 5,
         }
+    }
+
+    /// The route's entry in [`CLIENT_ROUTES`].
+    pub fn template(&self) -> &'static str {
+        CLIENT_ROUTES[self.metric_index()].0
     }
 
     /// The account the route reads, for authorization.

@@ -85,6 +85,8 @@ impl Gateway {
         let cache = Arc::new(PageCache::new(
             Arc::new(MokaStore::new(cfg.cache.max_bytes.0, windows)),
             windows,
+            cfg.cache.max_bytes.0,
+            cfg.cache.ttl.0,
         ));
         let clients = Clients::new(&cfg.clients);
         Arc::new(Gateway {

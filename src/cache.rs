@@ -148,16 +148,21 @@ impl Entry {
 
 /// Compressed once, at insert; kept only if smaller.
 fn gzip(body: &[u8]) -> Option<Bytes> {
-    if body.len() < GZIP_MIN {
+    gzip_parts(&[body])
+}
+
+/// Gzip of the concatenated parts (level 6), or `None` when small or not smaller.
+pub fn gzip_parts(parts: &[&[u8]]) -> Option<Bytes> {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    if len < GZIP_MIN {
         return None;
     }
-    let mut enc = GzEncoder::new(
-        Vec::with_capacity(body.len() / 4),
-        flate2::Compression::new(6),
-    );
-    enc.write_all(body).ok()?;
+    let mut enc = GzEncoder::new(Vec::with_capacity(len / 4), flate2::Compression::new(6));
+    for p in parts {
+        enc.write_all(p).ok()?;
+    }
     let out = enc.finish().ok()?;
-    (out.len() < body.len()).then(|| Bytes::from(out.into_boxed_slice()))
+    (out.len() < len).then(|| Bytes::from(out.into_boxed_slice()))
 }
 
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -260,6 +265,9 @@ pub struct PageCache {
     pub store: Arc<dyn CacheStore>,
     pub windows: Windows,
     inflight: Mutex<HashMap<Key, watch::Receiver<Outcome>>>,
+    /// Gzip forms of documents assembled from cached pages (whole-account walks), by ETag:
+    /// compressed once per version, bounded to an eighth of `cache.max_bytes`.
+    pub derived_gzip: moka::future::Cache<String, Bytes>,
 }
 
 /// How a fetch was joined.
@@ -270,11 +278,22 @@ pub enum Join {
 }
 
 impl PageCache {
-    pub fn new(store: Arc<dyn CacheStore>, windows: Windows) -> Self {
+    pub fn new(
+        store: Arc<dyn CacheStore>,
+        windows: Windows,
+        max_bytes: u64,
+        ttl: Duration,
+    ) -> Self {
+        let derived_gzip = moka::future::Cache::builder()
+            .max_capacity((max_bytes / 8).max(1 << 20))
+            .weigher(|k: &String, v: &Bytes| u32::try_from(k.len() + v.len()).unwrap_or(u32::MAX))
+            .time_to_live(ttl + windows.stale_while_revalidate)
+            .build();
         Self {
             store,
             windows,
             inflight: Mutex::new(HashMap::new()),
+            derived_gzip,
         }
     }
 

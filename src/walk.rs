@@ -243,11 +243,42 @@ pub async fn account_licenses(
     all.push(Bytes::from(head));
     all.extend(chunks);
     all.push(Bytes::from_static(b"]}"));
-    let mut resp = Response::new(Body::from_chunks(all));
+    let etag = combined_etag(&w.pages);
+    let gzip = if ctx.accept_gzip && !ctx.head {
+        gzip_document(g, &etag, &all).await
+    } else {
+        None
+    };
+    let mut resp = match &gzip {
+        Some(gz) => Response::new(Body::new(gz.clone())),
+        None => Response::new(Body::from_chunks(all)),
+    };
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, crate::respond::JSON);
-    let etag = combined_etag(&w.pages);
+    if gzip.is_some() {
+        resp.headers_mut()
+            .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    }
     Ok((finish(resp, etag, w.result, &w.pages, ctx), w.result))
+}
+
+/// The document's gzip form, compressed once per version (ETag) off the async threads;
+/// concurrent requests for the same version wait for the one compression.
+async fn gzip_document(g: &Arc<Gateway>, etag: &HeaderValue, chunks: &[Bytes]) -> Option<Bytes> {
+    let key = etag.to_str().ok()?.to_string();
+    let parts: Vec<Bytes> = chunks.to_vec();
+    g.cache
+        .derived_gzip
+        .optionally_get_with(key, async move {
+            tokio::task::spawn_blocking(move || {
+                let slices: Vec<&[u8]> = parts.iter().map(|b| b.as_ref()).collect();
+                crate::cache::gzip_parts(&slices)
+            })
+            .await
+            .ok()
+            .flatten()
+        })
+        .await
 }
 
 /// `GET /gateway/v1/accounts/{account}/licenses/{deviceId}`

@@ -79,6 +79,19 @@ async fn twenty_five_pages_merge_into_one_document() {
     assert!(r304.body.is_empty());
     let head = request(Method::HEAD, &url, &[], b"").await;
     assert_eq!(head.header("content-length"), again.body.len().to_string());
+    // gzip: compressed once per version, decompresses to the identity document.
+    let gz = get_with(&url, &[("accept-encoding", "gzip")]).await;
+    assert_eq!(gz.header("content-encoding"), "gzip");
+    assert_eq!(gz.header("etag"), etag);
+    assert!(gz.body.len() < r.body.len() / 3);
+    let mut plain = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz.body[..]), &mut plain)
+        .unwrap();
+    assert_eq!(plain, r.body);
+    assert_eq!(
+        get_with(&url, &[("accept-encoding", "gzip")]).await.body,
+        gz.body
+    );
     assert_eq!(sim.count("licenses"), 25);
 }
 

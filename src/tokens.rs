@@ -577,11 +577,7 @@ impl TokenManager {
         drop(sg);
         let oauth_next = match self.oauth.load_full() {
             None => return now,
-            Some(t) if t.same_returned => t.expires_at,
-            Some(t) => {
-                t.obtained_at
-                    + (t.expires_at.saturating_duration_since(t.obtained_at)).mul_f64(0.75)
-            }
+            Some(t) => refresh_at(&t),
         };
         if self.session.load().is_none() && !session_stopped {
             return session_blocked.unwrap_or(now).min(oauth_next);
@@ -600,14 +596,10 @@ impl TokenManager {
                 _ = shutdown.wait() => return,
             }
             let deadline = Instant::now() + self.settings.call_timeout;
-            let proactive = self.oauth.load().is_some();
-            let oauth = if proactive
-                && self.valid_oauth(Instant::now()).is_some()
-                && !self.oauth_due(Instant::now())
-            {
-                self.valid_oauth(Instant::now())
-            } else {
-                self.refresh_oauth(deadline, proactive).await.ok()
+            let now = Instant::now();
+            let oauth = match self.oauth.load_full() {
+                Some(t) if now < refresh_at(&t) && now < t.expires_at => Some(t),
+                held => self.refresh_oauth(deadline, held.is_some()).await.ok(),
             };
             if let Some(oauth) = oauth {
                 if self.session.load().is_none() {
@@ -620,19 +612,6 @@ impl TokenManager {
             }
             // Never spin: a loop turn takes at least a few milliseconds of (possibly paused) time.
             tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    fn oauth_due(&self, now: Instant) -> bool {
-        match self.oauth.load_full() {
-            None => true,
-            Some(t) if t.same_returned => now >= t.expires_at,
-            Some(t) => {
-                now >= t.obtained_at
-                    + t.expires_at
-                        .saturating_duration_since(t.obtained_at)
-                        .mul_f64(0.75)
-            }
         }
     }
 
@@ -724,6 +703,19 @@ impl TokenManager {
                 .with_label_values(&["oauth"])
                 .set(0.0);
         }
+    }
+}
+
+/// When the background loop refreshes a token: when 25 % of its lifetime is left, or right after
+/// it expires when the last refresh returned the same token (ThingSpace does within the hour).
+fn refresh_at(t: &OAuthToken) -> Instant {
+    if t.same_returned {
+        t.expires_at
+    } else {
+        t.obtained_at
+            + t.expires_at
+                .saturating_duration_since(t.obtained_at)
+                .mul_f64(0.75)
     }
 }
 

@@ -68,16 +68,22 @@ pub struct Creds {
     pub session: Arc<SessionToken>,
 }
 
+/// A header value that carries a secret: marked sensitive, so no HTTP layer logs or indexes it.
+/// `None` for a value that is not a valid header (a token the upstream garbled).
+fn sensitive(value: &str) -> Option<HeaderValue> {
+    let mut v = HeaderValue::from_str(value).ok()?;
+    v.set_sensitive(true);
+    Some(v)
+}
+
 impl Creds {
     /// `Authorization` and `VZ-M2M-Token`, marked sensitive.
     pub fn headers(&self) -> HeaderMap {
         let mut h = HeaderMap::new();
-        if let Ok(mut v) = HeaderValue::from_str(&format!("Bearer {}", self.oauth.token.expose())) {
-            v.set_sensitive(true);
+        if let Some(v) = sensitive(&format!("Bearer {}", self.oauth.token.expose())) {
             h.insert(header::AUTHORIZATION, v);
         }
-        if let Ok(mut v) = HeaderValue::from_str(self.session.token.expose()) {
-            v.set_sensitive(true);
+        if let Some(v) = sensitive(self.session.token.expose()) {
             h.insert("vz-m2m-token", v);
         }
         h
@@ -342,8 +348,7 @@ impl TokenManager {
             self.creds.client_id,
             self.creds.client_secret.expose()
         ));
-        if let Ok(mut v) = HeaderValue::from_str(&format!("Basic {basic}")) {
-            v.set_sensitive(true);
+        if let Some(v) = sensitive(&format!("Basic {basic}")) {
             headers.insert(header::AUTHORIZATION, v);
         }
         headers.insert(
@@ -480,8 +485,7 @@ impl TokenManager {
             .check("session logins", now)
             .map_err(SessionError::Other)?;
         let mut headers = HeaderMap::new();
-        if let Ok(mut v) = HeaderValue::from_str(&format!("Bearer {}", oauth.token.expose())) {
-            v.set_sensitive(true);
+        if let Some(v) = sensitive(&format!("Bearer {}", oauth.token.expose())) {
             headers.insert(header::AUTHORIZATION, v);
         }
         headers.insert(header::CONTENT_TYPE, crate::respond::JSON);

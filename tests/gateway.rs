@@ -14,32 +14,8 @@ async fn full_cursor_walk_is_byte_for_byte() {
     let sim = start_sim(sim_opts()).await;
     let gw = start_gateway(config(&sim.base_url(), "")).await;
     let account = sim.account_names()[1].clone();
-    let (t, s) = {
-        // The same walk straight at the simulator, with tokens of our own.
-        let tok = request(
-            Method::POST,
-            &format!("{}/api/ts/v1/oauth2/token", sim.base_url()),
-            &[("authorization", "Basic ZGVtby1rZXk6ZGVtby1zZWNyZXQ=")],
-            b"grant_type=client_credentials",
-        )
-        .await
-        .json()["access_token"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        let sess = request(
-            Method::POST,
-            &format!("{}/api/m2m/v1/session/login", sim.base_url()),
-            &[("authorization", &format!("Bearer {tok}"))],
-            br#"{"username":"demo-user","password":"demo-pass"}"#,
-        )
-        .await
-        .json()["sessionToken"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        (tok, sess)
-    };
+    // The same walk straight at the simulator, with tokens of our own.
+    let (t, s) = sim_tokens(&sim).await;
     let mut index = 0;
     let mut pages = 0;
     loop {
@@ -193,25 +169,7 @@ async fn wrong_password_pauses_logins_before_the_lock() {
     assert_eq!(status["tokens"]["session"]["failures"], 2);
     assert!(status["tokens"]["session"]["paused_until"].is_string());
     // The simulator's user is not locked: the right password still works there.
-    let t = request(
-        Method::POST,
-        &format!("{}/api/ts/v1/oauth2/token", sim.base_url()),
-        &[("authorization", "Basic ZGVtby1rZXk6ZGVtby1zZWNyZXQ=")],
-        b"grant_type=client_credentials",
-    )
-    .await
-    .json()["access_token"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let r = request(
-        Method::POST,
-        &format!("{}/api/m2m/v1/session/login", sim.base_url()),
-        &[("authorization", &format!("Bearer {t}"))],
-        br#"{"username":"demo-user","password":"demo-pass"}"#,
-    )
-    .await;
-    assert_eq!(r.status, StatusCode::OK);
+    sim_tokens(&sim).await;
 }
 
 #[tokio::test]

@@ -47,15 +47,6 @@ async fn login(sim: &Simulator, bearer: &str, password: &str) -> common::Resp {
     .await
 }
 
-async fn session(sim: &Simulator) -> (String, String) {
-    let t = token(sim).await;
-    let s = login(sim, &t, "demo-pass").await.json()["sessionToken"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    (t, s)
-}
-
 async fn page(sim: &Simulator, path: &str, bearer: &str, session: &str) -> common::Resp {
     get_with(
         &format!("{}{path}", sim.base_url()),
@@ -168,7 +159,7 @@ async fn license_pages_errors_and_cursor_walk() {
     .await;
     let account = sim.account_names()[0].clone();
     assert_eq!(account, "0402196254-00001");
-    let (t, s) = session(&sim).await;
+    let (t, s) = sim_tokens(&sim).await;
     let path = license_path(&account, 0);
     // Missing, wrong bearer; missing session.
     let r = get(&format!("{}{path}", sim.base_url())).await;
@@ -256,7 +247,7 @@ async fn license_pages_errors_and_cursor_walk() {
 async fn faults_and_control_api() {
     let sim = start_sim(sim_opts()).await;
     let account = sim.account_names()[0].clone();
-    let (t, s) = session(&sim).await;
+    let (t, s) = sim_tokens(&sim).await;
     let path = license_path(&account, 0);
 
     fault(&sim, json!({"endpoint": "licenses", "count": 2, "kind": "status", "status": 503, "retry_after": "7"})).await;
@@ -335,7 +326,7 @@ async fn faults_and_control_api() {
     assert_ne!(token(&sim).await, t, "a new token after revocation");
 
     // Rate limit at run time: burst 2, then 429 with Retry-After.
-    let (t, s) = session(&sim).await;
+    let (t, s) = sim_tokens(&sim).await;
     fault(&sim, json!({"rate": 0.5, "burst": 2})).await;
     assert_eq!(page(&sim, &path, &t, &s).await.status, StatusCode::OK);
     assert_eq!(page(&sim, &path, &t, &s).await.status, StatusCode::OK);

@@ -153,6 +153,34 @@ impl Http {
     }
 }
 
+/// A bearer token and a session straight from the simulator (its default credentials).
+pub async fn sim_tokens(sim: &Simulator) -> (String, String) {
+    let token = request(
+        Method::POST,
+        &format!("{}/api/ts/v1/oauth2/token", sim.base_url()),
+        &[("authorization", "Basic ZGVtby1rZXk6ZGVtby1zZWNyZXQ=")],
+        b"grant_type=client_credentials",
+    )
+    .await
+    .json()["access_token"]
+        .as_str()
+        .expect("access_token")
+        .to_string();
+    let login = request(
+        Method::POST,
+        &format!("{}/api/m2m/v1/session/login", sim.base_url()),
+        &[("authorization", &format!("Bearer {token}"))],
+        br#"{"username":"demo-user","password":"demo-pass"}"#,
+    )
+    .await;
+    assert_eq!(login.status, StatusCode::OK, "{:?}", login.body);
+    let session = login.json()["sessionToken"]
+        .as_str()
+        .expect("sessionToken")
+        .to_string();
+    (token, session)
+}
+
 pub fn license_path(account: &str, index: u64) -> String {
     format!("/api/fota/v1/licenses/{account}/index/{index}")
 }

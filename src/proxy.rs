@@ -15,7 +15,7 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use tokio::time::Instant;
 
@@ -55,6 +55,8 @@ pub struct Ctx {
     pub head: bool,
     pub accept_gzip: bool,
     pub if_none_match: Option<HeaderValue>,
+    /// Upstream attempts this request's own fetches made (for the access log).
+    pub attempts: AtomicU32,
 }
 
 fn request_id(headers: &HeaderMap) -> HeaderValue {
@@ -201,6 +203,7 @@ pub async fn fetch_entry(
     key: Key,
     request_id: HeaderValue,
     deadline: Instant,
+    attempts: Arc<AtomicU32>,
 ) -> Result<Arc<Entry>, GatewayError> {
     for attempt in 0..2 {
         let creds = g.tokens.credentials(deadline).await?;
@@ -214,7 +217,10 @@ pub async fn fetch_entry(
             body: Bytes::new(),
         };
         let sent = Instant::now();
-        let resp = g.upstream.call(key.endpoint(), req, deadline).await?;
+        let resp = g
+            .upstream
+            .call(key.endpoint(), req, deadline, &attempts)
+            .await?;
         let retry = attempt == 0;
         if resp.status == StatusCode::UNAUTHORIZED {
             g.tokens.invalidate_oauth(&creds.oauth.token);
@@ -292,13 +298,19 @@ impl Gateway {
                 Freshness::Stale => {}
             }
         }
+        let attempts = Arc::new(AtomicU32::new(0));
         let fetch = fetch_entry(
             self.clone(),
             key.clone(),
             ctx.request_id.clone(),
             now + self.cfg.server.request_timeout.0,
+            attempts.clone(),
         );
         let (result, join) = self.cache.fetch(key, ctx.deadline, fetch).await;
+        if join == Join::Leader {
+            ctx.attempts
+                .fetch_add(attempts.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
         match result {
             Ok(e) => {
                 self.metrics.lookup(join == Join::Coalesced);
@@ -329,7 +341,13 @@ impl Gateway {
         let g = self.clone();
         tokio::spawn(async move {
             let deadline = Instant::now() + g.cfg.server.request_timeout.0;
-            let fetch = fetch_entry(g.clone(), key.clone(), request_id, deadline);
+            let fetch = fetch_entry(
+                g.clone(),
+                key.clone(),
+                request_id,
+                deadline,
+                Default::default(),
+            );
             let (result, _) = g.cache.fetch(key, deadline, fetch).await;
             if let Err(e) = result {
                 tracing::warn!(error = %e, "background refresh failed; the stale copy stays");
@@ -506,6 +524,7 @@ impl ClientApi {
             head: req.method() == Method::HEAD,
             accept_gzip: accepts_gzip(req.headers()),
             if_none_match: req.headers().get(header::IF_NONE_MATCH).cloned(),
+            attempts: AtomicU32::new(0),
         };
         let method = req.method().clone();
         let routed = route(req.method(), req.uri().path());
@@ -553,6 +572,7 @@ impl ClientApi {
             route = label,
             status,
             cache = cache.map(|c| c.header().to_str().unwrap_or("-").to_string()).unwrap_or_else(|| "-".into()),
+            upstream_attempts = ctx.attempts.load(Ordering::Relaxed),
             duration_ms = elapsed.as_secs_f64() * 1000.0,
             "request"
         );
@@ -572,6 +592,7 @@ mod tests {
             head,
             accept_gzip: gzip,
             if_none_match: None,
+            attempts: AtomicU32::new(0),
         }
     }
 

@@ -18,7 +18,7 @@ use arc_swap::ArcSwapOption;
 use base64::Engine;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
@@ -365,7 +365,7 @@ impl TokenManager {
         let sent = Instant::now();
         let result = self
             .upstream
-            .call(Endpoint::OauthToken, req, deadline)
+            .call(Endpoint::OauthToken, req, deadline, &AtomicU32::new(0))
             .await;
         let now = Instant::now();
         let resp = match result {
@@ -503,7 +503,7 @@ impl TokenManager {
         let sent = Instant::now();
         let result = self
             .upstream
-            .call(Endpoint::SessionLogin, req, deadline)
+            .call(Endpoint::SessionLogin, req, deadline, &AtomicU32::new(0))
             .await;
         let now = Instant::now();
         let resp = match result {

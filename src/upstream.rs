@@ -7,6 +7,7 @@ use crate::error::{GatewayError, Throttle};
 use crate::metrics::{Endpoint, Metrics};
 use crate::transport::{OutRequest, RawResponse, Transport, TransportError};
 use http::{HeaderMap, Method, StatusCode};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
@@ -120,13 +121,14 @@ impl Upstream {
         );
     }
 
-    /// One logical call: GETs are retried on connect errors, dropped connections, timeouts and
+    /// One logical call (`attempts` counts the attempts it made): GETs are retried on connect errors, dropped connections, timeouts and
     /// 502/503/504; POSTs only on connect errors (the request never reached the upstream).
     pub async fn call(
         &self,
         endpoint: Endpoint,
         req: OutRequest,
         deadline: Instant,
+        attempts: &AtomicU32,
     ) -> Result<RawResponse, GatewayError> {
         let idempotent = req.method == Method::GET;
         let mut attempt = 0u32;
@@ -162,6 +164,7 @@ impl Upstream {
                 return Err(GatewayError::UpstreamTimeout);
             }
             let started = Instant::now();
+            attempts.fetch_add(1, Ordering::Relaxed);
             self.metrics.upstream_inflight.inc();
             let result = self
                 .transport

@@ -258,6 +258,18 @@ async fn trace_logs_status_and_errors_carry_no_secret() {
     );
     let logs = logs.lock().unwrap().join("\n");
     assert!(logs.len() > 1000, "trace logging produced output");
+    // One access line per request, with its route, cache result and upstream attempts.
+    let access: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("\"target\":\"access\""))
+        .collect();
+    assert_eq!(access.len(), 3, "token, page, refused page");
+    assert!(access
+        .iter()
+        .any(|l| l.contains("\"upstream_attempts\":1") && l.contains("\"cache\":\"MISS\"")));
+    assert!(access
+        .iter()
+        .all(|l| l.contains("\"request_id\"") && l.contains("\"duration_ms\"")));
     let upstream_basic = base64::Engine::encode(
         &base64::engine::general_purpose::STANDARD,
         format!("demo-key:{client_secret}"),

@@ -1,0 +1,147 @@
+//! Upstream protection and connection hygiene over real sockets: load shedding, transparent
+//! retries, the concurrency bound, slow clients.
+
+mod common;
+
+use common::*;
+use http::StatusCode;
+use std::sync::Arc;
+use std::time::Duration;
+use thingspace_gateway::sim::control::FaultRequest;
+use thingspace_gateway::sim::SimOptions;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test]
+async fn over_max_inflight_is_shed_at_once() {
+    let sim = start_sim(SimOptions {
+        latency: Duration::from_millis(400),
+        ..sim_opts()
+    })
+    .await;
+    let gw = start_gateway(config(
+        &sim.base_url(),
+        "[server]\nmax_inflight = 3\n[upstream]\nrate_per_second = 1000.0\nburst = 1000\n",
+    ))
+    .await;
+    wait_ready(&gw).await;
+    let account = sim.account_names()[0].clone();
+    let imeis = sim.imeis(&account);
+    let http = Arc::new(Http::new());
+    let tasks: Vec<_> = (0..10)
+        .map(|i| {
+            let http = http.clone();
+            let url = format!("{}{}", gw.base_url(), license_path(&account, imeis[i]));
+            tokio::spawn(async move {
+                let started = std::time::Instant::now();
+                let r = http.get(&url).await;
+                (r, started.elapsed())
+            })
+        })
+        .collect();
+    let (mut ok, mut shed) = (0, 0);
+    for t in tasks {
+        let (r, took) = t.await.unwrap();
+        match r.status {
+            StatusCode::OK => ok += 1,
+            StatusCode::SERVICE_UNAVAILABLE => {
+                assert_eq!(r.error_code(), "GW_OVERLOADED");
+                assert_eq!(r.header("retry-after"), "1");
+                assert!(
+                    took < Duration::from_millis(300),
+                    "shed at once, not queued: {took:?}"
+                );
+                shed += 1;
+            }
+            s => panic!("unexpected {s}"),
+        }
+    }
+    assert_eq!((ok, shed), (3, 7));
+    // The admin port is not subject to the client bound.
+    assert_eq!(
+        get(&format!("{}/healthz", gw.admin_url())).await.status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn dropped_connection_is_retried_transparently() {
+    let sim = start_sim(sim_opts()).await;
+    let gw = start_gateway(config(&sim.base_url(), "[upstream]\nretries = 2\n")).await;
+    wait_ready(&gw).await;
+    let account = sim.account_names()[0].clone();
+    sim.apply(FaultRequest::kind("licenses", 1, "close"))
+        .unwrap();
+    let r = get(&format!("{}{}", gw.base_url(), license_path(&account, 0))).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(sim.count_status("licenses", 0), 1, "the dropped attempt");
+    assert_eq!(sim.count_status("licenses", 200), 1, "its retry");
+    // A 503 then a 200: retried, too.
+    sim.apply(FaultRequest::status("licenses", 2, 503)).unwrap();
+    let r = get(&format!(
+        "{}{}",
+        gw.base_url(),
+        license_path(&account, sim.imeis(&account)[5])
+    ))
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(sim.count_status("licenses", 503), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_concurrency_never_exceeds_max_concurrent() {
+    let sim = start_sim(SimOptions {
+        latency: Duration::from_millis(30),
+        ..sim_opts()
+    })
+    .await;
+    let gw = start_gateway(config(
+        &sim.base_url(),
+        "[upstream]\nmax_concurrent = 4\nrate_per_second = 1000.0\nburst = 1000\n",
+    ))
+    .await;
+    wait_ready(&gw).await;
+    let account = sim.account_names()[0].clone();
+    let imeis = sim.imeis(&account);
+    let http = Arc::new(Http::new());
+    let tasks: Vec<_> = (0..60)
+        .map(|i| {
+            let http = http.clone();
+            let url = format!("{}{}", gw.base_url(), license_path(&account, imeis[i]));
+            tokio::spawn(async move { http.get(&url).await.status })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), StatusCode::OK);
+    }
+    assert_eq!(sim.count("licenses"), 60);
+    assert_eq!(sim.max_concurrency(), 4);
+}
+
+#[tokio::test]
+async fn slow_and_idle_clients_are_cut_off() {
+    let sim = start_sim(sim_opts()).await;
+    let gw = start_gateway(config(
+        &sim.base_url(),
+        "[server]\nheader_read_timeout = \"300ms\"\n",
+    ))
+    .await;
+    // A client that never finishes its request head.
+    let mut slow = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    slow.write_all(b"GET /api/fota/v1/licenses/a/index/0 HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the gateway closed the connection");
+    // A keep-alive connection left idle after one request.
+    let mut idle = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    idle.write_all(b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = [0u8; 12];
+    idle.read_exact(&mut first).await.unwrap();
+    assert_eq!(&first, b"HTTP/1.1 404");
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "idle keep-alive connection closed");
+}

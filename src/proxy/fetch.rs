@@ -1,0 +1,231 @@
+//! The cache step and the upstream read behind it: freshness, coalesced fetches, stale
+//! fallbacks, background refreshes, and one reactive token refresh per read.
+
+use super::{CacheResult, Ctx};
+use crate::app::Gateway;
+use crate::cache::{Entry, Freshness, Join, Key, Kind};
+use crate::error::GatewayError;
+use crate::metrics::Endpoint;
+use crate::transport::OutRequest;
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, StatusCode};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use tokio::time::Instant;
+
+/// True for upstream errors whose `errorCode` says the session is gone.
+fn is_session_error(status: StatusCode, body: &[u8]) -> bool {
+    if !status.is_client_error() {
+        return false;
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct E {
+        error_code: String,
+    }
+    serde_json::from_slice::<E>(body)
+        .map(|e| {
+            e.error_code.ends_with("SessionToken.Expired")
+                || e.error_code.ends_with("SessionToken.Invalid")
+        })
+        .unwrap_or(false)
+}
+
+impl Key {
+    fn upstream_path(&self) -> String {
+        match self.kind {
+            Kind::Page => format!(
+                "/api/fota/v1/licenses/{}/index/{}",
+                self.account, self.index
+            ),
+            Kind::Subscription => format!("/api/fota/v1/subscriptions/{}", self.account),
+        }
+    }
+
+    fn endpoint(&self) -> Endpoint {
+        match self.kind {
+            Kind::Page => Endpoint::Licenses,
+            Kind::Subscription => Endpoint::Subscriptions,
+        }
+    }
+}
+
+/// One upstream read with the gateway's tokens; one retry after a reactive token refresh.
+pub async fn fetch_entry(
+    g: Arc<Gateway>,
+    key: Key,
+    request_id: HeaderValue,
+    deadline: Instant,
+    attempts: Arc<AtomicU32>,
+) -> Result<Arc<Entry>, GatewayError> {
+    for attempt in 0..2 {
+        let creds = g.tokens.credentials(deadline).await?;
+        let mut headers = creds.headers();
+        headers.insert(header::ACCEPT, crate::respond::JSON);
+        headers.insert("x-request-id", request_id.clone());
+        let req = OutRequest {
+            method: Method::GET,
+            path: key.upstream_path(),
+            headers,
+            body: Bytes::new(),
+        };
+        let sent = Instant::now();
+        let resp = g
+            .upstream
+            .call(key.endpoint(), req, deadline, &attempts)
+            .await?;
+        let retry = attempt == 0;
+        if resp.status == StatusCode::UNAUTHORIZED {
+            g.tokens.invalidate_oauth(&creds.oauth.token);
+            if retry {
+                continue;
+            }
+            return Err(GatewayError::UpstreamAuthFailed(
+                "upstream rejected freshly obtained tokens".into(),
+            ));
+        }
+        if is_session_error(resp.status, &resp.body) {
+            g.tokens.invalidate_session(&creds.session.token);
+            if retry {
+                continue;
+            }
+            return Err(GatewayError::UpstreamAuthFailed(
+                "upstream rejected a fresh session".into(),
+            ));
+        }
+        g.tokens.touch(&creds, sent);
+        let fresh_for = if resp.status == StatusCode::OK {
+            g.cfg.cache.ttl.0
+        } else if resp.status.is_client_error() {
+            g.cfg.cache.negative_ttl.0
+        } else {
+            return Err(GatewayError::BadGateway(format!(
+                "unexpected upstream status {}",
+                resp.status.as_u16()
+            )));
+        };
+        // A copy, not a clone: a parsed header value shares the connection's whole read buffer,
+        // which the cache would then keep alive alongside the entry.
+        let content_type = resp
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok())
+            .unwrap_or(crate::respond::JSON);
+        return Ok(Arc::new(Entry::new(
+            resp.status,
+            content_type,
+            resp.body,
+            Instant::now(),
+            fresh_for,
+        )));
+    }
+    Err(GatewayError::UpstreamAuthFailed(
+        "tokens could not be obtained".into(),
+    ))
+}
+
+impl Gateway {
+    /// The cache step: fresh → HIT; stale within `stale_while_revalidate` → STALE plus one
+    /// background refresh; otherwise one coalesced fetch, falling back to a stale copy within
+    /// `stale_if_error` when the upstream fails or is being protected.
+    pub async fn cached(
+        self: &Arc<Self>,
+        key: Key,
+        ctx: &Ctx,
+    ) -> Result<(Arc<Entry>, CacheResult), GatewayError> {
+        let now = Instant::now();
+        let existing = self.cache.store.get(&key).await;
+        if let Some(e) = &existing {
+            match e.freshness(now, &self.cache.windows) {
+                Freshness::Fresh => {
+                    self.metrics.lookup_hit.inc();
+                    return Ok((e.clone(), CacheResult::Hit));
+                }
+                Freshness::Revalidate => {
+                    self.metrics.lookup_stale.inc();
+                    if e.claim_refresh() {
+                        self.spawn_refresh(key, e.clone(), ctx.request_id.clone());
+                    }
+                    return Ok((e.clone(), CacheResult::Stale));
+                }
+                Freshness::Stale => {}
+            }
+        }
+        let attempts = Arc::new(AtomicU32::new(0));
+        let fetch = fetch_entry(
+            self.clone(),
+            key.clone(),
+            ctx.request_id.clone(),
+            now + self.cfg.server.request_timeout.0,
+            attempts.clone(),
+        );
+        let (result, join) = self.cache.fetch(key, ctx.deadline, fetch).await;
+        if join == Join::Leader {
+            ctx.attempts
+                .fetch_add(attempts.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        match result {
+            Ok(e) => {
+                self.metrics.lookup(join == Join::Coalesced);
+                Ok((e, CacheResult::Miss))
+            }
+            Err(err) => {
+                if let Some(t) = err.throttle() {
+                    self.metrics.throttled(t.label());
+                }
+                match existing.filter(|e| {
+                    err.stale_eligible() && e.usable_on_error(Instant::now(), &self.cache.windows)
+                }) {
+                    Some(e) => {
+                        self.metrics.lookup_stale.inc();
+                        tracing::debug!(error = %err, "serving stale copy");
+                        Ok((e, CacheResult::Stale))
+                    }
+                    None => {
+                        self.metrics.lookup(join == Join::Coalesced);
+                        Err(err)
+                    }
+                }
+            }
+        }
+    }
+
+    fn spawn_refresh(self: &Arc<Self>, key: Key, stale: Arc<Entry>, request_id: HeaderValue) {
+        let g = self.clone();
+        tokio::spawn(async move {
+            let deadline = Instant::now() + g.cfg.server.request_timeout.0;
+            let fetch = fetch_entry(
+                g.clone(),
+                key.clone(),
+                request_id,
+                deadline,
+                Default::default(),
+            );
+            let (result, _) = g.cache.fetch(key, deadline, fetch).await;
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "background refresh failed; the stale copy stays");
+                stale.release_refresh();
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_errors() {
+        let b = br#"{"errorCode":"UnifiedWebService.REQUEST_FAILED.SessionToken.Expired","errorMessage":"x"}"#;
+        assert!(is_session_error(StatusCode::BAD_REQUEST, b));
+        assert!(is_session_error(
+            StatusCode::FORBIDDEN,
+            br#"{"errorCode":"SessionToken.Invalid"}"#
+        ));
+        assert!(!is_session_error(
+            StatusCode::BAD_REQUEST,
+            br#"{"errorCode":"AccountNotFound"}"#
+        ));
+        assert!(!is_session_error(StatusCode::OK, b));
+    }
+}

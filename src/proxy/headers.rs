@@ -1,0 +1,227 @@
+//! Client API headers: what a request asks for (request id, gzip, conditional requests, the
+//! header limits) and the headers of a cached answer.
+
+use super::Ctx;
+use crate::cache::Entry;
+use crate::error::GatewayError;
+use crate::respond::Body;
+use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
+use tokio::time::Instant;
+
+/// More request headers than this (Host included) → 431.
+pub const MAX_HEADERS: usize = 100;
+
+/// How a response was produced, for `X-Cache`, metrics and the request log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheResult {
+    Hit,
+    Miss,
+    Stale,
+}
+
+impl CacheResult {
+    pub fn header(self) -> HeaderValue {
+        HeaderValue::from_static(match self {
+            CacheResult::Hit => "HIT",
+            CacheResult::Miss => "MISS",
+            CacheResult::Stale => "STALE",
+        })
+    }
+}
+
+/// The client's `X-Request-Id` when it is sane (1-128 visible ASCII), else 32 random hex digits.
+pub(super) fn request_id(headers: &HeaderMap) -> HeaderValue {
+    if let Some(v) = headers.get("x-request-id").filter(|v| {
+        (1..=128).contains(&v.len()) && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
+    }) {
+        return v.clone();
+    }
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = [0u8; 32];
+    let words = [fastrand::u64(..), fastrand::u64(..)];
+    for (i, c) in id.iter_mut().enumerate() {
+        *c = HEX[((words[i / 16] >> ((i % 16) * 4)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&id).unwrap_or(HeaderValue::from_static("0"))
+}
+
+/// `gzip` (or `*`) listed with a non-zero q.
+pub(super) fn accepts_gzip(headers: &HeaderMap) -> bool {
+    headers.get_all(header::ACCEPT_ENCODING).iter().any(|v| {
+        v.to_str().unwrap_or("").split(',').any(|item| {
+            let mut parts = item.split(';');
+            let name = parts.next().unwrap_or("").trim();
+            let q_zero = parts.any(|p| {
+                let p = p.trim();
+                p.strip_prefix("q=")
+                    .is_some_and(|q| q.trim().parse::<f32>().map(|q| q == 0.0).unwrap_or(false))
+            });
+            (name.eq_ignore_ascii_case("gzip") || name == "*") && !q_zero
+        })
+    })
+}
+
+pub(super) fn check_header_limits(
+    headers: &HeaderMap,
+    max_bytes: usize,
+) -> Result<(), GatewayError> {
+    if headers.len() > MAX_HEADERS {
+        return Err(GatewayError::HeadersTooLarge);
+    }
+    let bytes: usize = headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len())
+        .sum();
+    if bytes > max_bytes {
+        return Err(GatewayError::HeadersTooLarge);
+    }
+    Ok(())
+}
+
+fn etag_matches(inm: &HeaderValue, etag: &HeaderValue) -> bool {
+    let Ok(list) = inm.to_str() else {
+        return false;
+    };
+    let tag = etag.as_bytes();
+    list.split(',').any(|t| {
+        let t = t.trim();
+        t == "*" || t.trim_start_matches("W/").as_bytes() == tag
+    })
+}
+
+/// The response for a cached entry: shares the entry's `Bytes`, copies nothing.
+pub fn entry_response(e: &Entry, result: CacheResult, ctx: &Ctx, now: Instant) -> Response<Body> {
+    let not_modified = e.status == StatusCode::OK
+        && ctx
+            .if_none_match
+            .as_ref()
+            .is_some_and(|inm| etag_matches(inm, &e.etag));
+    let gz = if ctx.accept_gzip {
+        e.gzip.as_ref()
+    } else {
+        None
+    };
+    let body = gz.unwrap_or(&e.body);
+    let mut resp = if not_modified || ctx.head {
+        Response::new(Body::default())
+    } else {
+        Response::new(Body::new(body.clone()))
+    };
+    *resp.status_mut() = if not_modified {
+        StatusCode::NOT_MODIFIED
+    } else {
+        e.status
+    };
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, e.content_type.clone());
+    h.insert("x-cache", result.header());
+    h.insert(header::AGE, HeaderValue::from(e.age(now).as_secs()));
+    h.insert(header::ETAG, e.etag.clone());
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_str(&format!("private, max-age={}", e.fresh_left(now)))
+            .unwrap_or(HeaderValue::from_static("private, max-age=0")),
+    );
+    h.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+    if gz.is_some() && !not_modified {
+        h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    }
+    if ctx.head && !not_modified {
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use std::sync::atomic::AtomicU32;
+    use std::time::Duration;
+
+    fn ctx(gzip: bool, head: bool) -> Ctx {
+        Ctx {
+            request_id: HeaderValue::from_static("t"),
+            deadline: Instant::now(),
+            head,
+            accept_gzip: gzip,
+            if_none_match: None,
+            attempts: AtomicU32::new(0),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_hit_shares_the_cached_bytes() {
+        let body: Vec<u8> = (0..500)
+            .flat_map(|i| format!("{{\"d\":{i}}},").into_bytes())
+            .collect();
+        let e = Entry::new(
+            StatusCode::OK,
+            crate::respond::JSON,
+            Bytes::from(body),
+            Instant::now(),
+            Duration::from_secs(60),
+        );
+        for (gzip, cached) in [(false, &e.body), (true, e.gzip.as_ref().unwrap())] {
+            let r = entry_response(&e, CacheResult::Hit, &ctx(gzip, false), Instant::now());
+            let chunks: Vec<&Bytes> = r.body().chunks().collect();
+            assert_eq!(chunks.len(), 1);
+            // Same allocation, same length: a pointer was cloned, not the bytes.
+            assert_eq!(chunks[0].as_ptr(), cached.as_ptr());
+            assert_eq!(chunks[0].len(), cached.len());
+        }
+        let r = entry_response(&e, CacheResult::Hit, &ctx(false, true), Instant::now());
+        assert!(r.body().is_empty());
+        assert_eq!(
+            r.headers()[header::CONTENT_LENGTH],
+            e.body.len().to_string().as_str()
+        );
+    }
+
+    #[test]
+    fn gzip_negotiation() {
+        let mut h = HeaderMap::new();
+        assert!(!accepts_gzip(&h));
+        h.insert(header::ACCEPT_ENCODING, "br, gzip;q=0.5".parse().unwrap());
+        assert!(accepts_gzip(&h));
+        h.insert(header::ACCEPT_ENCODING, "gzip;q=0".parse().unwrap());
+        assert!(!accepts_gzip(&h));
+        h.insert(header::ACCEPT_ENCODING, "*".parse().unwrap());
+        assert!(accepts_gzip(&h));
+    }
+
+    #[test]
+    fn etags() {
+        let tag = HeaderValue::from_static("\"abc\"");
+        assert!(etag_matches(
+            &HeaderValue::from_static("\"x\", \"abc\""),
+            &tag
+        ));
+        assert!(etag_matches(&HeaderValue::from_static("W/\"abc\""), &tag));
+        assert!(etag_matches(&HeaderValue::from_static("*"), &tag));
+        assert!(!etag_matches(&HeaderValue::from_static("\"abd\""), &tag));
+    }
+
+    #[test]
+    fn header_limits() {
+        let mut h = HeaderMap::new();
+        for i in 0..MAX_HEADERS {
+            h.insert(
+                http::HeaderName::from_bytes(format!("x-h{i}").as_bytes()).unwrap(),
+                HeaderValue::from_static("v"),
+            );
+        }
+        assert!(check_header_limits(&h, 16384).is_ok());
+        h.insert("x-one-more", HeaderValue::from_static("v"));
+        assert_eq!(
+            check_header_limits(&h, 16384),
+            Err(GatewayError::HeadersTooLarge)
+        );
+        let mut h = HeaderMap::new();
+        h.insert("x-big", HeaderValue::from_str(&"a".repeat(2000)).unwrap());
+        assert_eq!(
+            check_header_limits(&h, 1024),
+            Err(GatewayError::HeadersTooLarge)
+        );
+    }
+}

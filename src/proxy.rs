@@ -1,6 +1,8 @@
 //! The client API request path, top to bottom:
 //! route → header limits → authenticate → authorize → cache → (budget → tokens → upstream) →
 //! store → respond. [`ClientApi::handle`] never fails: every error becomes its response here.
+//! `proxy/fetch.rs` holds the cache step and the upstream read behind it; `proxy/headers.rs`
+//! the request headers read and the response headers written.
 
 use crate::app::Gateway;
 use crate::cache::{Key, Kind};

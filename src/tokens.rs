@@ -17,16 +17,17 @@ use crate::upstream::Upstream;
 use arc_swap::ArcSwapOption;
 use base64::Engine;
 use bytes::Bytes;
+use guard::Guard;
 use http::{header, HeaderMap, HeaderValue, Method};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
-/// ThingSpace locks the account at this many failed logins in a row; the guard stops below it.
-pub const THINGSPACE_LOCKOUT: u32 = 5;
-const TRANSIENT_BACKOFF_BASE: Duration = Duration::from_secs(1);
-const TRANSIENT_BACKOFF_CAP: Duration = Duration::from_secs(60);
+mod guard;
+mod report;
+
+pub use guard::THINGSPACE_LOCKOUT;
 /// The session is renewed this long before the upstream's idle expiry would hit.
 const SESSION_MARGIN: Duration = Duration::from_secs(1);
 
@@ -87,96 +88,6 @@ impl Creds {
             h.insert("vz-m2m-token", v);
         }
         h
-    }
-}
-
-/// Failure bookkeeping for one kind of login.
-#[derive(Default)]
-struct Guard {
-    /// Rejected logins in a row.
-    failures: u32,
-    paused_until: Option<Instant>,
-    /// Set once the next rejection would reach ThingSpace's lock: no more logins until restart.
-    stopped: bool,
-    transient: u32,
-    backoff_until: Option<Instant>,
-    last_error: Option<GatewayError>,
-    /// A refresh returned the same, already expired token: wait this long before asking again.
-    not_before: Option<Instant>,
-}
-
-impl Guard {
-    fn check(&self, what: &str, now: Instant) -> Result<(), GatewayError> {
-        if self.stopped {
-            return Err(GatewayError::UpstreamAuthFailed(format!(
-                "upstream {what} stopped after {} rejected attempts in a row; fix the credentials and restart",
-                self.failures
-            )));
-        }
-        if let Some(until) = self.paused_until.filter(|u| *u > now) {
-            return Err(GatewayError::UpstreamAuthFailed(format!(
-                "upstream {what} paused for {}s after {} rejected attempts in a row",
-                (until - now).as_secs(),
-                self.failures
-            )));
-        }
-        if self.backoff_until.is_some_and(|u| u > now) {
-            return Err(self.last_error.clone().unwrap_or_else(|| {
-                GatewayError::UpstreamAuthFailed(format!("upstream {what} failed"))
-            }));
-        }
-        Ok(())
-    }
-
-    fn success(&mut self) {
-        *self = Guard::default();
-    }
-
-    fn transient(&mut self, err: GatewayError, now: Instant) {
-        self.transient = self.transient.saturating_add(1);
-        let ceiling = TRANSIENT_BACKOFF_BASE
-            .saturating_mul(1 << self.transient.min(10))
-            .min(TRANSIENT_BACKOFF_CAP);
-        // Equal jitter: at least half the ceiling, so a failing upstream is never hammered.
-        let wait = ceiling / 2 + (ceiling / 2).mul_f64(fastrand::f64());
-        self.backoff_until = Some(now + wait);
-        self.last_error = Some(err);
-    }
-
-    fn rejected(
-        &mut self,
-        what: &str,
-        status: u16,
-        max_failed: u32,
-        pause: Duration,
-        now: Instant,
-    ) {
-        self.failures += 1;
-        if self.failures >= THINGSPACE_LOCKOUT - 1 {
-            self.stopped = true;
-            tracing::error!(
-                failures = self.failures,
-                status,
-                "upstream {what} rejected {} times in a row; no further attempt until restart, \
-                 one more would lock the ThingSpace account",
-                self.failures
-            );
-        } else if self.failures >= max_failed {
-            self.paused_until = Some(now + pause);
-            tracing::error!(
-                failures = self.failures,
-                status,
-                pause_secs = pause.as_secs(),
-                "upstream {what} rejected {} times in a row; pausing logins to avoid locking the ThingSpace account",
-                self.failures
-            );
-        } else {
-            tracing::warn!(
-                failures = self.failures,
-                status,
-                "upstream {what} rejected the credentials"
-            );
-        }
     }
 }
 
@@ -616,96 +527,6 @@ impl TokenManager {
             }
             // Never spin: a loop turn takes at least a few milliseconds of (possibly paused) time.
             tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    /// Reasons the gateway is not ready, empty when it is.
-    pub fn not_ready_reasons(&self) -> Vec<String> {
-        let now = Instant::now();
-        let mut reasons = Vec::new();
-        if self.valid_oauth(now).is_none() {
-            reasons.push("no valid OAuth token held".to_string());
-        }
-        if self.session.load().is_none() {
-            reasons.push("no session token held".to_string());
-        }
-        for (what, guard) in [
-            ("token requests", &self.oauth_guard),
-            ("session logins", &self.session_guard),
-        ] {
-            if let Err(e) = lock(guard).check(what, now) {
-                if !matches!(e, GatewayError::UpstreamAuthFailed(_))
-                    || !reasons.contains(&e.to_string())
-                {
-                    reasons.push(e.to_string());
-                }
-            }
-        }
-        reasons
-    }
-
-    /// `tokens` of `/status`: never a token value.
-    pub fn status_json(&self) -> serde_json::Value {
-        let now = Instant::now();
-        let guard_json = |g: &Guard| {
-            (
-                g.failures,
-                g.paused_until
-                    .filter(|u| *u > now)
-                    .map(|u| rfc3339(self.wall(u))),
-                g.stopped,
-            )
-        };
-        let (of, op, os) = guard_json(&lock(&self.oauth_guard));
-        let (sf, sp, ss) = guard_json(&lock(&self.session_guard));
-        let oauth = self.valid_oauth(now);
-        let session = self.session.load_full();
-        let session_exp = session.as_ref().map(|s| self.session_expiry(s));
-        serde_json::json!({
-            "oauth": {
-                "held": oauth.is_some(),
-                "expires_at": oauth.map(|t| rfc3339(self.wall(t.expires_at))),
-                "failures": of,
-                "paused_until": op,
-                "stopped": os,
-            },
-            "session": {
-                "held": session_exp.is_some_and(|e| e > now),
-                "expires_at": session_exp.map(|e| rfc3339(self.wall(e))),
-                "failures": sf,
-                "paused_until": sp,
-                "stopped": ss,
-            },
-        })
-    }
-
-    /// Refreshes the gauges that depend on the clock (called at scrape time).
-    pub fn update_metrics(&self) {
-        let now = Instant::now();
-        for (token, guard) in [
-            ("oauth", &self.oauth_guard),
-            ("session", &self.session_guard),
-        ] {
-            let g = lock(guard);
-            let paused = g.stopped || g.paused_until.is_some_and(|u| u > now);
-            self.metrics
-                .login_paused
-                .with_label_values(&[token])
-                .set(i64::from(paused));
-        }
-        let session = self.session.load_full();
-        let v = session
-            .map(|s| unix_secs(self.wall(self.session_expiry(&s))))
-            .unwrap_or(0.0);
-        self.metrics
-            .token_expiry
-            .with_label_values(&["session"])
-            .set(v);
-        if self.oauth.load().is_none() {
-            self.metrics
-                .token_expiry
-                .with_label_values(&["oauth"])
-                .set(0.0);
         }
     }
 }

@@ -28,7 +28,7 @@ mod headers;
 
 pub use fetch::fetch_entry;
 use headers::{accepts_gzip, check_header_limits, request_id};
-pub use headers::{entry_response, CacheResult, MAX_HEADERS};
+pub use headers::{age_value, cache_control_value, entry_response, CacheResult, MAX_HEADERS};
 /// POST bodies (token and login requests) are small forms.
 const MAX_POST_BODY: usize = 16 * 1024;
 
@@ -37,6 +37,8 @@ pub struct ClientApi(pub Arc<Gateway>);
 /// Request facts the response depends on.
 pub struct Ctx {
     pub request_id: HeaderValue,
+    /// When the request arrived; freshness and `Age` are measured from it.
+    pub started: Instant,
     pub deadline: Instant,
     pub head: bool,
     pub accept_gzip: bool,
@@ -164,7 +166,7 @@ impl Gateway {
         };
         let (entry, result) = self.cached(key, ctx).await?;
         Ok((
-            entry_response(&entry, result, ctx, Instant::now()),
+            entry_response(&entry, result, ctx, ctx.started),
             Some(result),
         ))
     }
@@ -210,6 +212,7 @@ impl ClientApi {
         let started = Instant::now();
         let ctx = Ctx {
             request_id: request_id(req.headers()),
+            started,
             deadline: started + g.cfg.server.request_timeout.0,
             head: req.method() == Method::HEAD,
             accept_gzip: accepts_gzip(req.headers()),
@@ -250,7 +253,7 @@ impl ClientApi {
             }
         };
         resp.headers_mut()
-            .insert("x-request-id", ctx.request_id.clone());
+            .insert(headers::X_REQUEST_ID, ctx.request_id.clone());
         let status = resp.status().as_u16();
         let elapsed = started.elapsed();
         g.metrics

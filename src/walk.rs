@@ -182,11 +182,10 @@ fn finish(
     }
     let h = resp.headers_mut();
     h.insert(header::ETAG, etag);
-    h.insert(header::AGE, HeaderValue::from(oldest));
+    h.insert(header::AGE, crate::proxy::age_value(oldest));
     h.insert(
         header::CACHE_CONTROL,
-        HeaderValue::from_str(&format!("private, max-age={fresh}"))
-            .unwrap_or(HeaderValue::from_static("private, max-age=0")),
+        crate::proxy::cache_control_value(fresh),
     );
     h.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
     h.insert(

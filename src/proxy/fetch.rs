@@ -62,7 +62,7 @@ pub async fn fetch_entry(
         let creds = g.tokens.credentials(deadline).await?;
         let mut headers = creds.headers();
         headers.insert(header::ACCEPT, crate::respond::JSON);
-        headers.insert("x-request-id", request_id.clone());
+        headers.insert(super::headers::X_REQUEST_ID, request_id.clone());
         let req = OutRequest {
             method: Method::GET,
             path: key.upstream_path(),
@@ -133,7 +133,9 @@ impl Gateway {
         key: Key,
         ctx: &Ctx,
     ) -> Result<(Arc<Entry>, CacheResult), GatewayError> {
-        let now = Instant::now();
+        // The request's start stands for "now": a clock read less per lookup, and freshness
+        // measured from when the client asked.
+        let now = ctx.started;
         let existing = self.cache.store.get(&key).await;
         if let Some(e) = &existing {
             match e.freshness(now, &self.cache.windows) {

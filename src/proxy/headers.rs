@@ -5,8 +5,42 @@ use super::Ctx;
 use crate::cache::Entry;
 use crate::error::GatewayError;
 use crate::respond::Body;
-use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
+use std::sync::OnceLock;
 use tokio::time::Instant;
+
+pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Header values for the seconds a cached answer reports (`Age`, `max-age`) are made once and
+/// shared: a hit then formats and allocates neither.
+const PRECOMPUTED_SECONDS: u64 = 3600;
+
+fn seconds_table(render: fn(u64) -> HeaderValue) -> Vec<HeaderValue> {
+    (0..=PRECOMPUTED_SECONDS).map(render).collect()
+}
+
+pub fn age_value(secs: u64) -> HeaderValue {
+    static TABLE: OnceLock<Vec<HeaderValue>> = OnceLock::new();
+    let table = TABLE.get_or_init(|| seconds_table(HeaderValue::from));
+    match table.get(secs as usize) {
+        Some(v) => v.clone(),
+        None => HeaderValue::from(secs),
+    }
+}
+
+pub fn cache_control_value(max_age: u64) -> HeaderValue {
+    fn render(n: u64) -> HeaderValue {
+        HeaderValue::from_str(&format!("private, max-age={n}"))
+            .unwrap_or(HeaderValue::from_static("private, max-age=0"))
+    }
+    static TABLE: OnceLock<Vec<HeaderValue>> = OnceLock::new();
+    let table = TABLE.get_or_init(|| seconds_table(render));
+    match table.get(max_age as usize) {
+        Some(v) => v.clone(),
+        None => render(max_age),
+    }
+}
 
 /// More request headers than this (Host included) → 431.
 pub const MAX_HEADERS: usize = 100;
@@ -31,7 +65,7 @@ impl CacheResult {
 
 /// The client's `X-Request-Id` when it is sane (1-128 visible ASCII), else 32 random hex digits.
 pub(super) fn request_id(headers: &HeaderMap) -> HeaderValue {
-    if let Some(v) = headers.get("x-request-id").filter(|v| {
+    if let Some(v) = headers.get(X_REQUEST_ID).filter(|v| {
         (1..=128).contains(&v.len()) && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
     }) {
         return v.clone();
@@ -107,6 +141,8 @@ pub fn entry_response(e: &Entry, result: CacheResult, ctx: &Ctx, now: Instant) -
     } else {
         Response::new(Body::new(body.clone()))
     };
+    // Room for every header this answer gets, so inserting never regrows the map.
+    *resp.headers_mut() = HeaderMap::with_capacity(12);
     *resp.status_mut() = if not_modified {
         StatusCode::NOT_MODIFIED
     } else {
@@ -114,13 +150,12 @@ pub fn entry_response(e: &Entry, result: CacheResult, ctx: &Ctx, now: Instant) -
     };
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, e.content_type.clone());
-    h.insert("x-cache", result.header());
-    h.insert(header::AGE, HeaderValue::from(e.age(now).as_secs()));
+    h.insert(X_CACHE, result.header());
+    h.insert(header::AGE, age_value(e.age(now).as_secs()));
     h.insert(header::ETAG, e.etag.clone());
     h.insert(
         header::CACHE_CONTROL,
-        HeaderValue::from_str(&format!("private, max-age={}", e.fresh_left(now)))
-            .unwrap_or(HeaderValue::from_static("private, max-age=0")),
+        cache_control_value(e.fresh_left(now)),
     );
     h.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
     if gz.is_some() && !not_modified {
@@ -142,6 +177,7 @@ mod tests {
     fn ctx(gzip: bool, head: bool) -> Ctx {
         Ctx {
             request_id: HeaderValue::from_static("t"),
+            started: Instant::now(),
             deadline: Instant::now(),
             head,
             accept_gzip: gzip,
@@ -176,6 +212,15 @@ mod tests {
             r.headers()[header::CONTENT_LENGTH],
             e.body.len().to_string().as_str()
         );
+    }
+
+    #[test]
+    fn second_values_inside_and_beyond_the_table() {
+        assert_eq!(age_value(0), "0");
+        assert_eq!(age_value(3600), "3600");
+        assert_eq!(age_value(86_400), "86400");
+        assert_eq!(cache_control_value(299), "private, max-age=299");
+        assert_eq!(cache_control_value(7200), "private, max-age=7200");
     }
 
     #[test]

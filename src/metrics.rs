@@ -41,8 +41,6 @@ impl Endpoint {
 pub struct Metrics {
     registry: Registry,
     pub http_requests: IntCounterVec,
-    pub http_duration: HistogramVec,
-    pub cache_lookups: IntCounterVec,
     pub cache_entries: IntGauge,
     pub cache_bytes: IntGauge,
     pub upstream_requests: IntCounterVec,
@@ -213,8 +211,6 @@ impl Metrics {
             http_ok,
             http_hist,
             http_requests,
-            http_duration,
-            cache_lookups,
             cache_entries: gauge(&r, "cache_entries", "Entries in the page cache."),
             cache_bytes: gauge(
                 &r,

@@ -65,7 +65,10 @@ async fn upstream_4xx_is_cached_and_500_is_not() {
         assert_eq!(r.header("x-cache"), if i == 0 { "MISS" } else { "HIT" });
         // negative_ttl = 30 s, counted down in whole seconds.
         assert!(
-            matches!(r.header("cache-control"), "private, max-age=30" | "private, max-age=29"),
+            matches!(
+                r.header("cache-control"),
+                "private, max-age=30" | "private, max-age=29"
+            ),
             "{}",
             r.header("cache-control")
         );

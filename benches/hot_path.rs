@@ -1,16 +1,17 @@
 //! Criterion benches of the hot functions: routing and validation, the cache-hit request path
 //! (key → lookup → response with headers), response building alone, and the token read.
 
+mod common;
+
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use http::{Method, Request};
 use std::hint::black_box;
 use std::sync::Arc;
 use thingspace_gateway::app::Gateway;
-use thingspace_gateway::config::from_toml_with_env;
 use thingspace_gateway::proxy::ClientApi;
 use thingspace_gateway::respond::Body;
 use thingspace_gateway::route::route;
-use thingspace_gateway::sim::{SimOptions, Simulator};
+use thingspace_gateway::sim::Simulator;
 
 fn routing(c: &mut Criterion) {
     let mut g = c.benchmark_group("route");
@@ -41,24 +42,7 @@ struct Fixture {
 }
 
 async fn fixture() -> Fixture {
-    let sim = Simulator::start(SimOptions {
-        listen: ([127, 0, 0, 1], 0).into(),
-        accounts: 2,
-        ..SimOptions::default()
-    })
-    .await
-    .expect("sim");
-    let cfg = from_toml_with_env(
-        &format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[upstream]\nbase_url = \"{}\"\n\
-             [credentials]\nclient_id = \"demo-key\"\nclient_secret = \"demo-secret\"\nusername = \"demo-user\"\npassword = \"demo-pass\"\n\
-             [clients]\nmode = \"none\"\n[cache]\nttl = \"1h\"\n",
-            sim.base_url()
-        ),
-        &[],
-    )
-    .expect("config");
-    let gw = Gateway::with_transport(cfg, sim.transport(1 << 26));
+    let (sim, gw) = common::gateway_over_sim(2, 2500).await;
     let api = ClientApi(gw.clone());
     let names = sim.account_names();
     let imeis = sim.imeis(&names[0]);

@@ -4,15 +4,14 @@
 //!
 //! Run: cargo bench --bench walk_memory
 
+mod common;
+
 use http::Request;
 use http_body_util::BodyExt;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use thingspace_gateway::app::Gateway;
-use thingspace_gateway::config::from_toml_with_env;
 use thingspace_gateway::proxy::ClientApi;
 use thingspace_gateway::respond::Body;
-use thingspace_gateway::sim::{SimOptions, Simulator};
 
 /// Counts bytes allocated (not freed) so a run can be measured.
 struct Counting;
@@ -43,38 +42,37 @@ fn main() {
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let sim = Simulator::start(SimOptions {
-            listen: ([127, 0, 0, 1], 0).into(),
-            accounts: 1,
-            devices: 25_000,
-            ..SimOptions::default()
-        })
-        .await
-        .expect("sim");
-        let cfg = from_toml_with_env(
-            &format!(
-                "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[upstream]\nbase_url = \"{}\"\nrate_per_second = 1000.0\nburst = 1000\n\
-                 [credentials]\nclient_id = \"demo-key\"\nclient_secret = \"demo-secret\"\nusername = \"demo-user\"\npassword = \"demo-pass\"\n\
-                 [clients]\nmode = \"none\"\n[cache]\nttl = \"1h\"\n",
-                sim.base_url()
-            ),
-            &[],
-        )
-        .expect("config");
-        let gw = Gateway::with_transport(cfg, sim.transport(1 << 26));
+        let (sim, gw) = common::gateway_over_sim(1, 25_000).await;
         let api = ClientApi(gw.clone());
         let path = format!("/gateway/v1/accounts/{}/licenses", sim.account_names()[0]);
         let walk = || async {
-            let resp = api.serve(Request::get(path.as_str()).body(Body::default()).expect("req")).await;
+            let resp = api
+                .serve(
+                    Request::get(path.as_str())
+                        .body(Body::default())
+                        .expect("req"),
+                )
+                .await;
             assert_eq!(resp.status(), 200);
-            resp.into_body().collect().await.expect("body").to_bytes().len()
+            resp.into_body()
+                .collect()
+                .await
+                .expect("body")
+                .to_bytes()
+                .len()
         };
         let len = walk().await; // fills the cache
         let (_, cached) = gw.cache.store.size().await;
         let mut per_walk = Vec::new();
         for _ in 0..5 {
             let before = ALLOCATED.load(Ordering::Relaxed);
-            let resp = api.serve(Request::get(path.as_str()).body(Body::default()).expect("req")).await;
+            let resp = api
+                .serve(
+                    Request::get(path.as_str())
+                        .body(Body::default())
+                        .expect("req"),
+                )
+                .await;
             let chunks = resp.body().chunks().count();
             let after = ALLOCATED.load(Ordering::Relaxed);
             drop(resp);
@@ -82,7 +80,9 @@ fn main() {
         }
         per_walk.sort();
         let (median, chunks) = per_walk[per_walk.len() / 2];
-        println!("walk of 25 pages: document {len} bytes in {chunks} chunks; cache holds {cached} bytes");
+        println!(
+            "walk of 25 pages: document {len} bytes in {chunks} chunks; cache holds {cached} bytes"
+        );
         println!(
             "allocated per warm walk (median of 5): {median} bytes = {:.1}% of the document",
             100.0 * median as f64 / len as f64

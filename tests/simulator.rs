@@ -436,25 +436,19 @@ async fn token_and_session_expiry_under_paused_time() {
             Duration::from_secs(5),
         )
     };
-    let r = send(
-        Method::POST,
-        "/api/ts/v1/oauth2/token".into(),
-        vec![("authorization", basic("demo-key", "demo-secret"))],
-        b"grant_type=client_credentials",
-    )
-    .await
-    .unwrap();
+    let token_request = || {
+        send(
+            Method::POST,
+            "/api/ts/v1/oauth2/token".into(),
+            vec![("authorization", basic("demo-key", "demo-secret"))],
+            b"grant_type=client_credentials",
+        )
+    };
+    let r = token_request().await.unwrap();
     let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
     let bearer = body["access_token"].as_str().unwrap().to_string();
     tokio::time::advance(Duration::from_secs(1800)).await;
-    let r = send(
-        Method::POST,
-        "/api/ts/v1/oauth2/token".into(),
-        vec![("authorization", basic("demo-key", "demo-secret"))],
-        b"grant_type=client_credentials",
-    )
-    .await
-    .unwrap();
+    let r = token_request().await.unwrap();
     let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(
         body["access_token"],
@@ -462,14 +456,15 @@ async fn token_and_session_expiry_under_paused_time() {
         "same token within the hour"
     );
     assert_eq!(body["expires_in"], 1800, "expires_in is the remainder");
-    let r = send(
-        Method::POST,
-        "/api/m2m/v1/session/login".into(),
-        vec![("authorization", format!("Bearer {bearer}"))],
-        br#"{"username":"demo-user","password":"demo-pass"}"#,
-    )
-    .await
-    .unwrap();
+    let login = || {
+        send(
+            Method::POST,
+            "/api/m2m/v1/session/login".into(),
+            vec![("authorization", format!("Bearer {bearer}"))],
+            br#"{"username":"demo-user","password":"demo-pass"}"#,
+        )
+    };
+    let r = login().await.unwrap();
     let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
     let session = body["sessionToken"].as_str().unwrap().to_string();
     let account = sim.account_names()[0].clone();
@@ -494,13 +489,6 @@ async fn token_and_session_expiry_under_paused_time() {
     assert!(String::from_utf8_lossy(&r.body).contains("SessionToken.Expired"));
     // The bearer expires at one hour.
     tokio::time::advance(Duration::from_secs(601)).await;
-    let r = send(
-        Method::POST,
-        "/api/m2m/v1/session/login".into(),
-        vec![("authorization", format!("Bearer {bearer}"))],
-        br#"{"username":"demo-user","password":"demo-pass"}"#,
-    )
-    .await
-    .unwrap();
+    let r = login().await.unwrap();
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
 }

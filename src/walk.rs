@@ -5,7 +5,7 @@ use crate::app::Gateway;
 use crate::cache::{Entry, Key, Kind};
 use crate::error::GatewayError;
 use crate::proxy::{entry_response, CacheResult, Ctx};
-use crate::respond::{json_value, Body};
+use crate::respond::Body;
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use serde::Deserialize;
@@ -324,12 +324,13 @@ pub async fn device_license(
             }
         }
     }
-    let body = serde_json::json!({
-        "deviceId": device_id,
-        "licensed": found.is_some(),
-        "assignmentTime": found.unwrap_or(serde_json::Value::Null),
-    });
-    let resp = json_value(StatusCode::OK, &body);
+    // Written in the documented field order; `device_id` is digits only (checked by the router).
+    let body = format!(
+        "{{\"deviceId\":\"{device_id}\",\"licensed\":{},\"assignmentTime\":{}}}",
+        found.is_some(),
+        found.unwrap_or(serde_json::Value::Null)
+    );
+    let resp = crate::respond::json(StatusCode::OK, Bytes::from(body));
     let etag = {
         let base = combined_etag(&w.pages);
         let b = base

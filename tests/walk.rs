@@ -115,8 +115,13 @@ async fn device_lookup_present_and_absent() {
         assert_eq!(v["licensed"], true);
         assert!(v["assignmentTime"].is_string());
     }
-    let r = get(&lookup((imeis[2499] + 1).to_string())).await;
+    let absent = imeis[2499] + 1;
+    let r = get(&lookup(absent.to_string())).await;
     assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(
+        std::str::from_utf8(&r.body).unwrap(),
+        format!("{{\"deviceId\":\"{absent}\",\"licensed\":false,\"assignmentTime\":null}}")
+    );
     assert_eq!(r.json()["licensed"], false);
     assert_eq!(r.json()["assignmentTime"], serde_json::Value::Null);
     // Exact string comparison: leading zeros name another device.

@@ -258,10 +258,18 @@ impl<'de> Deserialize<'de> for Dur {
     }
 }
 
+/// The longest duration any setting takes: longer ones are typos, and would overflow clock
+/// arithmetic.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim()).map_err(|e| {
+    let d = humantime::parse_duration(s.trim()).map_err(|e| {
         format!("invalid duration {s:?} ({e}); write it like \"500ms\", \"5s\", \"20m\"")
-    })
+    })?;
+    if d > MAX_DURATION {
+        return Err(format!("duration {s:?} is longer than a year"));
+    }
+    Ok(d)
 }
 
 /// A size in bytes: an integer, or a string with a `KiB`/`MiB`/`GiB` suffix.
@@ -563,6 +571,7 @@ mod tests {
         assert_eq!(parse_size("100").unwrap(), 100);
         assert!(parse_size("1TB").is_err());
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert!(parse_duration("100000000000s").is_err());
         let c = from_toml_with_env("[cache]\nmax_bytes = 4096\n", &[]).unwrap();
         assert_eq!(c.cache.max_bytes.0, 4096);
     }

@@ -27,6 +27,9 @@ use tokio::time::Instant;
 mod guard;
 mod report;
 
+/// The longest token lifetime believed from an upstream `expires_in`.
+const MAX_TOKEN_LIFETIME_SECS: u64 = 24 * 3600;
+
 pub use guard::THINGSPACE_LOCKOUT;
 /// The session is renewed this long before the upstream's idle expiry would hit.
 const SESSION_MARGIN: Duration = Duration::from_secs(1);
@@ -316,7 +319,9 @@ impl TokenManager {
             }
         };
         let token = Secret::new(body.access_token);
-        let estimate = sent + Duration::from_secs(body.expires_in);
+        // An upstream that claims a lifetime of centuries gets a day: Instant arithmetic must not
+        // overflow, and a day is far beyond ThingSpace's real hour.
+        let estimate = sent + Duration::from_secs(body.expires_in.min(MAX_TOKEN_LIFETIME_SECS));
         let current = self.oauth.load_full();
         let new = match current.filter(|c| c.token == token) {
             Some(cur) => OAuthToken {
@@ -391,6 +396,15 @@ impl TokenManager {
         let now = Instant::now();
         if let Some(s) = self.valid_session(now) {
             return Ok(s);
+        }
+        // The flight we waited for may have found our bearer refused: don't log in with it again.
+        if !self
+            .oauth
+            .load()
+            .as_ref()
+            .is_some_and(|current| current.token == oauth.token)
+        {
+            return Err(SessionError::BearerRejected);
         }
         lock(&self.session_guard)
             .check("session logins", now)

@@ -388,3 +388,27 @@ async fn readiness_and_health() {
     .await;
     assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
 }
+
+#[tokio::test]
+async fn upstream_token_lifetime_lies_are_survived() {
+    let sim = start_sim(sim_opts()).await;
+    // A bogus token that claims to live forever: the session login with it is refused (401), the
+    // gateway renews the token once and the client never sees the error.
+    sim.apply(FaultRequest {
+        body: Some(
+            r#"{"access_token":"bogus","token_type":"Bearer","expires_in":18446744073709551615}"#
+                .into(),
+        ),
+        ..FaultRequest::status("oauth_token", 1, 200)
+    })
+    .unwrap();
+    let gw = start_gateway(config(&sim.base_url(), "")).await;
+    let account = sim.account_names()[0].clone();
+    let r = get(&format!("{}{}", gw.base_url(), license_path(&account, 0))).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(sim.count_status("session_login", 401), 1);
+    assert_eq!(sim.count("oauth_token"), 2);
+    assert_eq!(sim.count_status("licenses", 200), 1);
+    let status = get(&format!("{}/status", gw.admin_url())).await.json();
+    assert_eq!(status["tokens"]["oauth"]["held"], true);
+}

@@ -5,7 +5,6 @@
 //! awaited in the loop), and shutdown drains them through hyper-util's `GracefulShutdown`.
 
 use crate::respond::Body;
-use crate::sim::control::AbortConnection;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -15,6 +14,12 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
+
+/// Put into a response's extensions to make the server drop the connection without answering
+/// (the simulator's "close" fault).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("connection aborted on purpose")]
+pub struct AbortConnection;
 
 /// hyper's own default buffer limit (8 KiB + 4 KiB x 100).
 const HYPER_DEFAULT_MAX_BUF: usize = 8192 + 4096 * 100;

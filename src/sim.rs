@@ -12,9 +12,9 @@ mod endpoints;
 use endpoints::error_400;
 
 use crate::respond::{json, json_value, Body};
-use crate::server::{serve, Handler, ServeOptions, Shutdown};
+use crate::server::{serve, AbortConnection, Handler, ServeOptions, Shutdown};
 use bytes::Bytes;
-use control::{AbortConnection, Fault, FaultKind, FaultRequest, Stats};
+use control::{Fault, FaultKind, FaultRequest, Stats};
 use data::Account;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;

@@ -8,11 +8,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Put into a response's extensions to make the server drop the connection without answering.
-#[derive(Debug, Clone, Copy, thiserror::Error)]
-#[error("connection aborted by the simulator")]
-pub struct AbortConnection;
-
 /// `POST /_sim/faults`: every field optional; one call may inject a fault and apply actions.
 ///
 /// ```json

@@ -72,10 +72,14 @@ struct Device<'a> {
     assignment_time: Option<&'a RawValue>,
 }
 
-/// A walked account: its pages, in cursor order.
+/// A walked account: its pages in cursor order, each parsed once during the walk.
 struct Walk {
     pages: Vec<Arc<Entry>>,
-    /// The worst cache result among the pages (any MISS → MISS, any STALE → STALE).
+    /// Per page: the device objects' bytes (a slice of the cached page) and how many.
+    devices: Vec<(Bytes, usize)>,
+    /// `{"accountName":…,"totalLicenses":…,"assignedLicenses":…,` from the first page.
+    header_fields: String,
+    /// The worst cache result among the pages (any STALE → STALE, else any MISS → MISS).
     result: CacheResult,
 }
 
@@ -106,6 +110,8 @@ fn worse(a: CacheResult, b: CacheResult) -> CacheResult {
 
 async fn walk(g: &Arc<Gateway>, account: &str, ctx: &Ctx) -> Result<Walked, GatewayError> {
     let mut pages = Vec::new();
+    let mut devices = Vec::new();
+    let mut header_fields = String::new();
     let mut result = CacheResult::Hit;
     let mut index = 0u64;
     loop {
@@ -126,10 +132,29 @@ async fn walk(g: &Arc<Gateway>, account: &str, ctx: &Ctx) -> Result<Walked, Gate
         }
         result = worse(result, r);
         let head: PageHead = serde_json::from_slice(&entry.body).map_err(|_| bad_page())?;
+        if pages.is_empty() {
+            header_fields = format!(
+                "{{\"accountName\":{},\"totalLicenses\":{},\"assignedLicenses\":{},",
+                head.account_name.get(),
+                head.total_licenses.get(),
+                head.assigned_licenses.get()
+            );
+        }
+        if let (Some(first), Some(last)) = (head.device_list.first, head.device_list.last) {
+            let start = offset_in(&entry.body, first.get()).ok_or_else(bad_page)?;
+            let end = offset_in(&entry.body, last.get()).ok_or_else(bad_page)? + last.get().len();
+            // The devices' own bytes, separators included: a slice of the cached page, not a copy.
+            devices.push((entry.body.slice(start..end), head.device_list.count));
+        }
         let (more, next) = (head.has_more_data, head.last_seen_device_id);
         pages.push(entry.clone());
         if !more {
-            return Ok(Walked::Pages(Walk { pages, result }));
+            return Ok(Walked::Pages(Walk {
+                pages,
+                devices,
+                header_fields,
+                result,
+            }));
         }
         if next <= index {
             return Err(GatewayError::BadGateway(format!(
@@ -209,34 +234,18 @@ pub async fn account_licenses(
         Walked::Pages(w) => w,
         Walked::Refused(e, r) => return Ok((entry_response(&e, r, ctx, Instant::now()), r)),
     };
-    let mut chunks: Vec<Bytes> = Vec::with_capacity(w.pages.len() * 2 + 2);
+    let mut chunks: Vec<Bytes> = Vec::with_capacity(w.devices.len() * 2 + 2);
     let mut count = 0usize;
-    let mut header_fields = None;
-    for page in &w.pages {
-        let head: PageHead = serde_json::from_slice(&page.body).map_err(|_| bad_page())?;
-        if header_fields.is_none() {
-            header_fields = Some(format!(
-                "{{\"accountName\":{},\"totalLicenses\":{},\"assignedLicenses\":{},",
-                head.account_name.get(),
-                head.total_licenses.get(),
-                head.assigned_licenses.get()
-            ));
-        }
-        let (Some(first), Some(last)) = (head.device_list.first, head.device_list.last) else {
-            continue;
-        };
-        let start = offset_in(&page.body, first.get()).ok_or_else(bad_page)?;
-        let end = offset_in(&page.body, last.get()).ok_or_else(bad_page)? + last.get().len();
+    for (slice, n) in &w.devices {
         if count > 0 {
             chunks.push(Bytes::from_static(b","));
         }
-        count += head.device_list.count;
-        // The devices' own bytes, separators included: a slice of the cached page, not a copy.
-        chunks.push(page.body.slice(start..end));
+        count += n;
+        chunks.push(slice.clone());
     }
     let head = format!(
         "{}\"deviceCount\":{count},\"deviceList\":[",
-        header_fields.unwrap_or_else(|| "{".into())
+        w.header_fields
     );
     let mut all = Vec::with_capacity(chunks.len() + 2);
     all.push(Bytes::from(head));

@@ -51,6 +51,10 @@ pub struct ServerConfig {
     /// PEM certificate chain and key: both set → the client API listens with TLS.
     pub tls_cert: String,
     pub tls_key: String,
+    /// A client that reads nothing of its answer for this long is cut off.
+    pub write_timeout: Dur,
+    /// Bearer token for the admin routes that change state; unset → loopback `admin_listen` only.
+    pub admin_token: Secret,
 }
 
 impl Default for ServerConfig {
@@ -66,6 +70,8 @@ impl Default for ServerConfig {
             shutdown_grace: Dur::secs(20),
             tls_cert: String::new(),
             tls_key: String::new(),
+            write_timeout: Dur::secs(30),
+            admin_token: Secret::default(),
         }
     }
 }
@@ -123,6 +129,8 @@ pub struct CredentialsConfig {
     /// Rejected logins in a row before logins pause. ThingSpace locks the account at 5.
     pub max_failed_logins: u32,
     pub login_pause: Dur,
+    /// Login counts and pause across restarts (SPEC §5); relative to the working directory.
+    pub guard_file: String,
 }
 
 impl Default for CredentialsConfig {
@@ -137,6 +145,7 @@ impl Default for CredentialsConfig {
             session_idle_timeout: Dur::secs(20 * 60),
             max_failed_logins: 2,
             login_pause: Dur::secs(15 * 60),
+            guard_file: "thingspace-gateway.guard".into(),
         }
     }
 }
@@ -223,12 +232,15 @@ pub enum LogFormat {
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     pub format: LogFormat,
+    /// A `RUST_LOG`-style filter; `RUST_LOG` wins when set.
+    pub level: String,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
         Self {
             format: LogFormat::Text,
+            level: "info".into(),
         }
     }
 }
@@ -357,7 +369,7 @@ pub fn from_toml_with_env(text: &str, env: &[(String, String)]) -> Result<Config
     apply_env_overrides(&mut table, env)?;
     let mut cfg: Config = Config::deserialize(toml::Value::Table(table))
         .map_err(|e| err(format!("config: {}", one_line(&e.to_string()))))?;
-    resolve_credentials(&mut cfg.credentials, &mut cfg.clients, env)?;
+    resolve_credentials(&mut cfg, env)?;
     cfg.validate()?;
     Ok(cfg)
 }
@@ -387,6 +399,7 @@ impl Config {
         }
         positive("server.header_read_timeout", s.header_read_timeout)?;
         positive("server.request_timeout", s.request_timeout)?;
+        positive("server.write_timeout", s.write_timeout)?;
         if s.tls_cert.is_empty() != s.tls_key.is_empty() {
             return Err(err("server.tls_cert/tls_key: set both or neither"));
         }
@@ -454,6 +467,9 @@ impl Config {
         }
         positive("credentials.session_idle_timeout", c.session_idle_timeout)?;
         positive("credentials.login_pause", c.login_pause)?;
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(err("log.level: not a valid filter (write it like \"info\" or \"info,thingspace_gateway=debug\")"));
+        }
         let k = &self.cache;
         positive("cache.ttl", k.ttl)?;
         if k.max_bytes.0 < 1024 {

@@ -83,8 +83,9 @@ fn duration(s: &str) -> Result<Duration, String> {
     config::parse_duration(s)
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -137,15 +138,15 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            init_logging(cfg.log.format);
+            init_logging(cfg.log.format, &cfg.log.level);
             run(serve(cfg))
         }
         Command::Demo => {
-            init_logging(LogFormat::Text);
+            init_logging(LogFormat::Text, "info");
             run(demo())
         }
         Command::Sim(args) => {
-            init_logging(LogFormat::Text);
+            init_logging(LogFormat::Text, "info");
             run(sim(args))
         }
     }

@@ -1,7 +1,7 @@
 //! The environment's part of the config: `THINGSPACE_GATEWAY_<SECTION>__<KEY>` overrides, the
 //! credential variables, and secret files.
 
-use super::{err, ClientsConfig, Config, ConfigError, CredentialsConfig, ENV_PREFIX};
+use super::{err, Config, ConfigError, ENV_PREFIX};
 use crate::secret::Secret;
 
 /// `THINGSPACE_GATEWAY_UPSTREAM__BASE_URL=...` sets `upstream.base_url`. The value is typed by
@@ -16,7 +16,7 @@ pub(super) fn apply_env_overrides(
         let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
             continue;
         };
-        if rest == "TOKEN_KEY" {
+        if rest == "TOKEN_KEY" || rest == "ADMIN_TOKEN" {
             continue; // handled by resolve_credentials
         }
         let Some((section, key)) = rest.split_once("__") else {
@@ -67,10 +67,15 @@ fn read_secret_file(key: &str, path: &str) -> Result<Secret, ConfigError> {
 
 /// Env wins over file, file over inline.
 pub(super) fn resolve_credentials(
-    c: &mut CredentialsConfig,
-    clients: &mut ClientsConfig,
+    cfg: &mut Config,
     env: &[(String, String)],
 ) -> Result<(), ConfigError> {
+    let Config {
+        credentials: c,
+        clients,
+        server,
+        ..
+    } = cfg;
     if let Some(v) = env_get(env, "THINGSPACE_CLIENT_ID") {
         c.client_id = v.to_string();
     }
@@ -90,6 +95,9 @@ pub(super) fn resolve_credentials(
     }
     if let Some(v) = env_get(env, "THINGSPACE_GATEWAY_TOKEN_KEY") {
         clients.token_signing_key = Secret::new(v);
+    }
+    if let Some(v) = env_get(env, "THINGSPACE_GATEWAY_ADMIN_TOKEN") {
+        server.admin_token = Secret::new(v);
     }
     Ok(())
 }

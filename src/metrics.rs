@@ -110,6 +110,11 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let r = Registry::new();
+        // process_* series (CPU, memory, open files, start time) from the crate's own collector.
+        #[cfg(target_os = "linux")]
+        let _ = r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ));
         // Hits take well under a millisecond; upstream calls up to the 15 s attempt timeout.
         let fast = vec![
             0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -282,13 +287,11 @@ impl Metrics {
             .inc();
     }
 
-    /// Prometheus text format, process metrics appended.
+    /// Prometheus text format.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
-        let mut out = String::from_utf8(buf).unwrap_or_default();
-        crate::metrics::process::append(&mut out);
-        out
+        String::from_utf8(buf).unwrap_or_default()
     }
 }
 
@@ -312,55 +315,6 @@ fn status_label(status: u16) -> &'static str {
         s if s < 400 => "3xx",
         s if s < 500 => "4xx",
         _ => "5xx",
-    }
-}
-
-mod process {
-    //! `process_*` metrics from `/proc/self` (Linux); absent elsewhere.
-    use std::fmt::Write;
-
-    pub fn append(out: &mut String) {
-        let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-            return;
-        };
-        // Fields after the ")" that ends the command name: state is field 3.
-        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-            return;
-        };
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = 100.0; // USER_HZ on Linux
-        let page = 4096.0;
-        let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        // f[0] is field 3 (state); utime = field 14, stime = 15, starttime = 22, rss = 24.
-        let cpu = (num(11) + num(12)) / ticks;
-        let rss = num(21) * page;
-        let vsize = num(20);
-        let fds = std::fs::read_dir("/proc/self/fd")
-            .map(|d| d.count())
-            .unwrap_or(0);
-        let boot = std::fs::read_to_string("/proc/stat")
-            .ok()
-            .and_then(|s| {
-                s.lines().find_map(|l| {
-                    l.strip_prefix("btime ")
-                        .and_then(|v| v.trim().parse::<f64>().ok())
-                })
-            })
-            .unwrap_or(0.0);
-        let start = boot + num(19) / ticks;
-        let _ = write!(
-            out,
-            "# HELP process_cpu_seconds_total Total user and system CPU time spent in seconds.\n\
-             # TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total {cpu}\n\
-             # HELP process_resident_memory_bytes Resident memory size in bytes.\n\
-             # TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {rss}\n\
-             # HELP process_virtual_memory_bytes Virtual memory size in bytes.\n\
-             # TYPE process_virtual_memory_bytes gauge\nprocess_virtual_memory_bytes {vsize}\n\
-             # HELP process_open_fds Number of open file descriptors.\n\
-             # TYPE process_open_fds gauge\nprocess_open_fds {fds}\n\
-             # HELP process_start_time_seconds Start time of the process since unix epoch in seconds.\n\
-             # TYPE process_start_time_seconds gauge\nprocess_start_time_seconds {start}\n"
-        );
     }
 }
 

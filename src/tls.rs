@@ -1,5 +1,7 @@
 //! rustls set-up: one crypto provider (ring) for the whole process, and the upstream client config.
 
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::sync::Arc;
 
 /// Installs ring as the process-wide rustls provider. Idempotent; an already installed provider
@@ -18,7 +20,7 @@ pub fn client_config(ca_file: &str) -> anyhow::Result<rustls::ClientConfig> {
         let pem = std::fs::read(ca_file)
             .map_err(|e| anyhow::anyhow!("upstream.ca_file: {ca_file}: {e}"))?;
         let mut added = 0;
-        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        for cert in CertificateDer::pem_slice_iter(&pem) {
             let cert = cert.map_err(|e| anyhow::anyhow!("upstream.ca_file: {ca_file}: {e}"))?;
             roots
                 .add(cert)
@@ -40,15 +42,22 @@ pub fn server_acceptor(
     key_file: &str,
 ) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
     install_crypto_provider();
-    let certs = rustls_pemfile::certs(&mut std::fs::read(cert_file)?.as_slice())
+    let pem = std::fs::read(cert_file)
+        .map_err(|e| anyhow::anyhow!("server.tls_cert: {cert_file}: {e}"))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| anyhow::anyhow!("server.tls_cert: {cert_file}: {e}"))?;
     if certs.is_empty() {
         anyhow::bail!("server.tls_cert: {cert_file}: no PEM certificate found");
     }
-    let key = rustls_pemfile::private_key(&mut std::fs::read(key_file)?.as_slice())
-        .map_err(|e| anyhow::anyhow!("server.tls_key: {key_file}: {e}"))?
-        .ok_or_else(|| anyhow::anyhow!("server.tls_key: {key_file}: no PEM private key found"))?;
+    let pem =
+        std::fs::read(key_file).map_err(|e| anyhow::anyhow!("server.tls_key: {key_file}: {e}"))?;
+    let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| match e {
+        rustls::pki_types::pem::Error::NoItemsFound => {
+            anyhow::anyhow!("server.tls_key: {key_file}: no PEM private key found")
+        }
+        e => anyhow::anyhow!("server.tls_key: {key_file}: {e}"),
+    })?;
     let config = rustls::ServerConfig::builder()
         .with_no_client_auth()
         .with_single_cert(certs, key)

@@ -11,7 +11,7 @@ use thingspace_gateway::app::Gateway;
 use thingspace_gateway::proxy::ClientApi;
 use thingspace_gateway::respond::Body;
 use thingspace_gateway::route::route;
-use thingspace_gateway::sim::Simulator;
+use thingspace_sim::Simulator;
 
 fn routing(c: &mut Criterion) {
     let mut g = c.benchmark_group("route");
@@ -105,7 +105,7 @@ fn hit_path(c: &mut Criterion) {
     });
     g.finish();
     // A real 1000-device page, as the simulator renders it.
-    let page = thingspace_gateway::sim::data::generate(1, 1000, 1);
+    let page = thingspace_sim::data::generate(1, 1000, 1);
     let body = page[0].page(0, 1000, None);
     let mut g = c.benchmark_group("entry");
     g.bench_function("build_80KB_page_with_gzip_and_etag", |b| {

@@ -17,7 +17,8 @@
 //! - [`admin`], [`metrics`]: probes, `/status`, purges and Prometheus metrics.
 //! - [`app`]: the shared state built once at start-up, and the two listeners.
 //! - [`config`], [`secret`], [`tls`]: configuration, masked secrets, rustls set-up.
-//! - [`sim`]: the ThingSpace simulator used by `demo`, tests and benchmarks.
+//! - `sim_transport` (feature `sim`): the simulator crate (`thingspace-sim`, used by `demo`,
+//!   tests and benchmarks) as an in-process [`transport::Transport`].
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -34,7 +35,8 @@ pub mod respond;
 pub mod route;
 pub mod secret;
 pub mod server;
-pub mod sim;
+#[cfg(feature = "sim")]
+pub mod sim_transport;
 pub mod tls;
 pub mod tokens;
 pub mod transport;

@@ -1,6 +1,5 @@
 //! The `thingspace-gateway` command: serve, demo, sim, check-config, hash-secret.
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::io::Read;
 use std::path::PathBuf;
@@ -8,7 +7,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 use thingspace_gateway::app::Running;
 use thingspace_gateway::config::{self, Config, LogFormat};
-use thingspace_gateway::sim::{SimOptions, Simulator};
+#[cfg(feature = "sim")]
+use thingspace_sim::{SimOptions, Simulator};
 
 #[derive(Parser)]
 #[command(
@@ -43,6 +43,7 @@ enum Command {
 }
 
 #[derive(clap::Args)]
+#[cfg_attr(not(feature = "sim"), allow(dead_code))]
 struct SimArgs {
     #[arg(long, default_value = "127.0.0.1:8081")]
     listen: std::net::SocketAddr,
@@ -141,13 +142,20 @@ fn main() -> ExitCode {
             init_logging(cfg.log.format, &cfg.log.level);
             run(serve(cfg))
         }
+        #[cfg(feature = "sim")]
         Command::Demo => {
             init_logging(LogFormat::Text, "info");
             run(demo())
         }
+        #[cfg(feature = "sim")]
         Command::Sim(args) => {
             init_logging(LogFormat::Text, "info");
             run(sim(args))
+        }
+        #[cfg(not(feature = "sim"))]
+        Command::Demo | Command::Sim(_) => {
+            eprintln!("built without the simulator (feature `sim`)");
+            ExitCode::from(2)
         }
     }
 }
@@ -208,9 +216,12 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
 }
 
 /// The embedded demo config: the simulator's default credentials, open clients on loopback.
+#[cfg(feature = "sim")]
 const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
 
+#[cfg(feature = "sim")]
 async fn demo() -> anyhow::Result<()> {
+    use anyhow::Context;
     thingspace_gateway::tls::install_crypto_provider();
     let sim = Simulator::start(SimOptions::default())
         .await
@@ -245,6 +256,7 @@ async fn demo() -> anyhow::Result<()> {
     Ok(())
 }
 
+#[cfg(feature = "sim")]
 async fn sim(a: Box<SimArgs>) -> anyhow::Result<()> {
     let opts = SimOptions {
         listen: a.listen,

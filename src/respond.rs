@@ -1,4 +1,4 @@
-//! Response building blocks shared by the client API, the admin API and the simulator.
+//! Response building blocks shared by the client API and the admin API.
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};

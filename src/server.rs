@@ -1,4 +1,4 @@
-//! The HTTP/1.1 accept loop shared by the client listener, the admin listener and the simulator.
+//! The HTTP/1.1 accept loop shared by the client listener and the admin listener.
 //!
 //! Connections are bounded by a semaphore taken *before* `accept`, so excess clients wait in the
 //! kernel backlog instead of costing memory here. Each connection runs in its own task (never
@@ -14,12 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
-
-/// Put into a response's extensions to make the server drop the connection without answering
-/// (the simulator's "close" fault).
-#[derive(Debug, Clone, Copy, thiserror::Error)]
-#[error("connection aborted on purpose")]
-pub struct AbortConnection;
 
 /// hyper's own default buffer limit (8 KiB + 4 KiB x 100).
 const HYPER_DEFAULT_MAX_BUF: usize = 8192 + 4096 * 100;
@@ -125,13 +119,7 @@ pub async fn serve<H: Handler>(
         let handler = handler.clone();
         let service = hyper::service::service_fn(move |req| {
             let handler = handler.clone();
-            async move {
-                let resp = handler.handle(req).await;
-                if resp.extensions().get::<AbortConnection>().is_some() {
-                    return Err(AbortConnection);
-                }
-                Ok(resp)
-            }
+            async move { Ok::<_, std::convert::Infallible>(handler.handle(req).await) }
         });
         let watcher = graceful.watcher();
         match opts.tls.clone() {

@@ -6,8 +6,8 @@ use common::*;
 use http::{Method, StatusCode};
 use std::io::Read;
 use std::sync::Arc;
-use thingspace_gateway::sim::control::FaultRequest;
-use thingspace_gateway::sim::SimOptions;
+use thingspace_sim::control::FaultRequest;
+use thingspace_sim::SimOptions;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousand_concurrent_requests_for_one_cold_key_make_one_upstream_call() {

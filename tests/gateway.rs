@@ -6,8 +6,8 @@ use common::*;
 use http::{Method, StatusCode};
 use serde_json::json;
 use std::sync::Arc;
-use thingspace_gateway::sim::control::FaultRequest;
-use thingspace_gateway::sim::SimOptions;
+use thingspace_sim::control::FaultRequest;
+use thingspace_sim::SimOptions;
 
 #[tokio::test]
 async fn full_cursor_walk_is_byte_for_byte() {

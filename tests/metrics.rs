@@ -5,7 +5,7 @@ mod common;
 use common::*;
 use http::StatusCode;
 use std::time::Duration;
-use thingspace_gateway::sim::control::FaultRequest;
+use thingspace_sim::control::FaultRequest;
 
 fn value(text: &str, series: &str) -> f64 {
     text.lines()

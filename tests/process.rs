@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use thingspace_gateway::sim::SimOptions;
+use thingspace_sim::SimOptions;
 
 const BIN: &str = env!("CARGO_BIN_EXE_thingspace-gateway");
 

@@ -6,7 +6,7 @@ use base64::Engine;
 use common::*;
 use http::{Method, StatusCode};
 use thingspace_gateway::clients::sha256_hex;
-use thingspace_gateway::sim::Simulator;
+use thingspace_sim::Simulator;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn clients_toml(sim: &Simulator, key: &str) -> String {

@@ -7,8 +7,9 @@ use common::*;
 use http::{Method, StatusCode};
 use serde_json::json;
 use std::time::Duration;
-use thingspace_gateway::sim::{SimOptions, Simulator};
+use thingspace_gateway::sim_transport::sim_transport;
 use thingspace_gateway::transport::OutRequest;
+use thingspace_sim::{SimOptions, Simulator};
 
 fn basic(id: &str, secret: &str) -> String {
     format!(
@@ -417,7 +418,7 @@ async fn token_and_session_expiry_under_paused_time() {
         ..sim_opts()
     })
     .await;
-    let t = sim.transport(1 << 26);
+    let t = sim_transport(&sim, 1 << 26);
     let send = |method: Method,
                 path: String,
                 headers: Vec<(&'static str, String)>,

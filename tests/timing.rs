@@ -8,8 +8,8 @@ use common::*;
 use http::StatusCode;
 use std::sync::Arc;
 use std::time::Duration;
-use thingspace_gateway::sim::control::FaultRequest;
-use thingspace_gateway::sim::SimOptions;
+use thingspace_sim::control::FaultRequest;
+use thingspace_sim::SimOptions;
 use tokio::time::{sleep, Instant};
 
 const MIN: Duration = Duration::from_secs(60);

@@ -4,8 +4,8 @@ mod common;
 
 use common::*;
 use http::{Method, StatusCode};
-use thingspace_gateway::sim::control::FaultRequest;
-use thingspace_gateway::sim::SimOptions;
+use thingspace_sim::control::FaultRequest;
+use thingspace_sim::SimOptions;
 
 #[tokio::test]
 async fn twenty_five_pages_merge_into_one_document() {

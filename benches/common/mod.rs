@@ -3,7 +3,8 @@
 use std::sync::Arc;
 use thingspace_gateway::app::Gateway;
 use thingspace_gateway::config::from_toml_with_env;
-use thingspace_gateway::sim::{SimOptions, Simulator};
+use thingspace_gateway::sim_transport::sim_transport;
+use thingspace_sim::{SimOptions, Simulator};
 
 /// Starts a simulator with `accounts` x `devices` and a gateway in front of it (clients open,
 /// pages fresh for an hour, a budget no bench reaches).
@@ -28,6 +29,6 @@ pub async fn gateway_over_sim(accounts: usize, devices: usize) -> (Simulator, Ar
         &[],
     )
     .expect("config");
-    let gw = Gateway::with_transport(cfg, sim.transport(1 << 26));
+    let gw = Gateway::with_transport(cfg, sim_transport(&sim, 1 << 26));
     (sim, gw)
 }

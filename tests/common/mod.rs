@@ -13,7 +13,8 @@ use thingspace_gateway::app::{Gateway, Running};
 use thingspace_gateway::config::{self, Config};
 use thingspace_gateway::proxy::ClientApi;
 use thingspace_gateway::respond::Body;
-use thingspace_gateway::sim::{SimOptions, Simulator};
+use thingspace_gateway::sim_transport::sim_transport;
+use thingspace_sim::{SimOptions, Simulator};
 
 pub fn sim_opts() -> SimOptions {
     SimOptions {
@@ -198,7 +199,7 @@ impl InProc {
     pub async fn new(opts: SimOptions, extra: &str) -> InProc {
         let sim = start_sim(opts).await;
         let cfg = config(&sim.base_url(), extra);
-        let transport = sim.transport(cfg.upstream.max_response_bytes.as_usize());
+        let transport = sim_transport(&sim, cfg.upstream.max_response_bytes.as_usize());
         let gw = Gateway::with_transport(cfg, transport);
         tokio::spawn(gw.tokens.clone().run(gw.shutdown.clone()));
         InProc {

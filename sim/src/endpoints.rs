@@ -2,6 +2,7 @@
 //! subscriptions, with ThingSpace's shapes and errors.
 
 use super::data::Cursor;
+use super::params;
 use super::{lock, SimRequest, SimState, LOCK_AFTER};
 use crate::respond::{json, json_value, Body};
 use base64::Engine;
@@ -186,13 +187,13 @@ impl SimState {
             _ => return error_400("INVALID_PARAMETER", "Invalid request path"),
         };
         let Some(&ai) = self.by_name.get(name) else {
-            return if crate::route::valid_account(name) {
+            return if params::account_ok(name) {
                 not_found()
             } else {
                 error_400("INVALID_PARAMETER", "Invalid account name format")
             };
         };
-        let Some(start) = crate::route::parse_u64_param(index) else {
+        let Some(start) = params::start_index(index) else {
             return error_400("INVALID_PARAMETER", "Invalid index value");
         };
         let account = &self.accounts[ai];

@@ -1,18 +1,25 @@
-//! The ThingSpace simulator (SPEC §8): a faithful stand-in for the upstream, for `demo`, tests,
-//! benchmarks and local development. Tests start it in-process on port 0.
+//! The ThingSpace simulator (SPEC §8): a faithful stand-in for the upstream, for the gateway's
+//! `demo` and `sim` commands, tests, benchmarks and local development. Tests start it in-process
+//! on port 0, or call it without sockets through [`SimHandle::call`] (paused-time tests).
 //!
 //! It serves the OAuth token, session login, license page and subscription endpoints with
 //! ThingSpace's shapes and errors, locks a user after five failed logins, and has a control API
 //! under `/_sim/` to count calls and inject faults.
+//!
+//! It shares no code with the gateway: its own accept loop, responses and path checks.
+#![forbid(unsafe_code)]
 
 pub mod control;
 pub mod data;
 mod endpoints;
+pub mod params;
+mod respond;
+mod server;
 
 use endpoints::error_400;
 
 use crate::respond::{json, json_value, Body};
-use crate::server::{serve, AbortConnection, Handler, ServeOptions, Shutdown};
+use crate::server::{aborted, serve, AbortConnection, Shutdown};
 use bytes::Bytes;
 use control::{Fault, FaultKind, FaultRequest, Stats};
 use data::Account;
@@ -22,7 +29,7 @@ use hyper::body::Incoming;
 use serde_json::json;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -146,7 +153,7 @@ pub struct Simulator {
 
 impl Simulator {
     /// Binds `opts.listen` and serves in the background until dropped or [`Simulator::stop`].
-    pub async fn start(opts: SimOptions) -> anyhow::Result<Simulator> {
+    pub async fn start(opts: SimOptions) -> std::io::Result<Simulator> {
         let accounts = data::generate(opts.accounts, opts.devices, opts.seed);
         let by_name = accounts
             .iter()
@@ -170,14 +177,9 @@ impl Simulator {
             stats: Mutex::new(Stats::default()),
         });
         let shutdown = Shutdown::new();
-        let serve_opts = ServeOptions {
-            header_read_timeout: Duration::from_secs(30),
-            tls: tls.clone(),
-            ..ServeOptions::default()
-        };
         let task = tokio::spawn(serve(
             listener,
-            serve_opts,
+            tls.clone(),
             state.clone(),
             shutdown.clone(),
             Duration::from_secs(1),
@@ -244,13 +246,10 @@ impl Simulator {
         self.state.reset();
     }
 
-    /// An in-memory transport to this simulator's state, for tests under paused time (no
-    /// sockets, so tokio's clock can jump without firing I/O timeouts).
-    pub fn transport(&self, max_body: usize) -> Arc<dyn crate::transport::Transport> {
-        Arc::new(SimTransport {
-            state: self.state.clone(),
-            max_body,
-        })
+    /// A handle that answers requests in-process, for tests under paused time (no sockets, so
+    /// tokio's clock can jump without firing I/O timeouts).
+    pub fn handle(&self) -> SimHandle {
+        SimHandle(self.state.clone())
     }
 
     pub async fn stop(mut self) {
@@ -267,16 +266,24 @@ impl Drop for Simulator {
     }
 }
 
-fn self_signed_acceptor(path: &PathBuf) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
-    crate::tls::install_crypto_provider();
+/// A certificate for `localhost` and `127.0.0.1`, its PEM written to `path`. The ring provider is
+/// named here rather than installed process-wide, so the simulator leaves the host's rustls set-up
+/// alone.
+fn self_signed_acceptor(path: &Path) -> std::io::Result<tokio_rustls::TlsAcceptor> {
     let cert =
-        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .map_err(|e| std::io::Error::other(format!("simulator certificate: {e}")))?;
     std::fs::write(path, cert.cert.pem())?;
     let key = rustls::pki_types::PrivateKeyDer::try_from(cert.signing_key.serialize_der())
-        .map_err(|e| anyhow::anyhow!("simulator key: {e}"))?;
-    let config = rustls::ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.cert.der().clone()], key)?;
+        .map_err(|e| std::io::Error::other(format!("simulator key: {e}")))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(|b| {
+            b.with_no_client_auth()
+                .with_single_cert(vec![cert.cert.der().clone()], key)
+        })
+        .map_err(|e| std::io::Error::other(format!("simulator TLS: {e}")))?;
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
@@ -302,7 +309,8 @@ pub struct SimRequest {
 /// Requests to the simulator are small; anything larger is refused.
 const MAX_SIM_BODY: usize = 1 << 20;
 
-impl Handler for SimState {
+impl SimState {
+    /// Answers one request from the accept loop.
     async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
         let (parts, body) = req.into_parts();
         let body = match http_body_util::Limited::new(body, MAX_SIM_BODY)
@@ -342,7 +350,7 @@ impl SimState {
             tokio::time::sleep(latency).await;
         }
         let resp = self.answer(endpoint, &req).await;
-        let status = if resp.extensions().get::<AbortConnection>().is_some() {
+        let status = if aborted(&resp) {
             0 // connection closed without an answer
         } else {
             resp.status().as_u16()
@@ -383,7 +391,7 @@ impl SimState {
                     return r;
                 }
                 FaultKind::Malformed => {
-                    return crate::respond::text(
+                    return respond::text(
                         StatusCode::OK,
                         Bytes::from_static(
                             b"<html><body>Service Temporarily Unavailable</body></html>",
@@ -484,7 +492,7 @@ impl SimState {
             *l = Limiter::new(rate, f.burst);
         }
         if let Some(lat) = &f.latency {
-            *lock(&self.latency) = crate::config::parse_duration(lat)?;
+            *lock(&self.latency) = control::parse_duration(lat)?;
         }
         Ok(())
     }
@@ -498,50 +506,49 @@ impl SimState {
     }
 }
 
-/// [`Simulator::transport`]: the simulator answering in-process.
-struct SimTransport {
-    state: Arc<SimState>,
-    max_body: usize,
+/// The simulator answering in-process: what [`Simulator::handle`] hands out.
+#[derive(Clone)]
+pub struct SimHandle(Arc<SimState>);
+
+/// An in-process answer: what would have gone over the wire.
+#[derive(Debug, Clone)]
+pub struct SimResponse {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
 }
 
-impl crate::transport::Transport for SimTransport {
-    fn send(
-        &self,
-        req: crate::transport::OutRequest,
-        timeout: Duration,
-    ) -> crate::transport::TransportFuture<'_> {
-        use crate::transport::{RawResponse, TransportError};
-        Box::pin(async move {
-            let resp = tokio::time::timeout(
-                timeout,
-                self.state.respond(SimRequest {
-                    method: req.method,
-                    path: req.path,
-                    headers: req.headers,
-                    body: req.body,
-                }),
-            )
-            .await
-            .map_err(|_| TransportError::Timeout)?;
-            if resp.extensions().get::<AbortConnection>().is_some() {
-                return Err(TransportError::Closed(
-                    "connection closed by the simulator".into(),
-                ));
-            }
-            let (parts, body) = resp.into_parts();
-            if body.len() > self.max_body {
-                return Err(TransportError::TooLarge);
-            }
-            let body = body
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .map_err(|e| TransportError::Truncated(e.to_string()))?;
-            Ok(RawResponse {
-                status: parts.status,
-                headers: parts.headers,
-                body,
-            })
+/// The simulator dropped the connection without answering (the `close` fault).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionClosed;
+
+impl std::fmt::Display for ConnectionClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("connection closed by the simulator")
+    }
+}
+
+impl std::error::Error for ConnectionClosed {}
+
+impl SimHandle {
+    /// Answers one request as the listener would, with latency, faults, rate limit and stats.
+    pub async fn call(&self, req: SimRequest) -> Result<SimResponse, ConnectionClosed> {
+        let resp = self.0.respond(req).await;
+        if aborted(&resp) {
+            return Err(ConnectionClosed);
+        }
+        let (parts, body) = resp.into_parts();
+        let body = match body.collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(never) => match never {},
+        };
+        Ok(SimResponse {
+            status: parts.status,
+            headers: parts.headers,
+            body,
         })
     }
 }
+
+#[cfg(test)]
+mod tests;

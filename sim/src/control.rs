@@ -122,7 +122,7 @@ impl FaultRequest {
                 }
             }
             "hang" => FaultKind::Hang(match &self.hang {
-                Some(h) => crate::config::parse_duration(h)?,
+                Some(h) => parse_duration(h)?,
                 None => Duration::from_secs(3600),
             }),
             "close" => FaultKind::Close,
@@ -137,6 +137,11 @@ impl FaultRequest {
             kind,
         }))
     }
+}
+
+/// A duration in humantime's syntax: `500ms`, `5s`, `1h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|e| format!("invalid duration {s:?}: {e}"))
 }
 
 /// Takes one use of the first fault that matches `endpoint`.

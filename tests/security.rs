@@ -9,13 +9,18 @@ use thingspace_gateway::clients::sha256_hex;
 use thingspace_gateway::sim::Simulator;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// The clients every test here registers; `key` is padded to the 32 bytes a signing key needs.
 fn clients_toml(sim: &Simulator, key: &str) -> String {
+    clients_toml_with(sim, key, "ops-secret")
+}
+
+fn clients_toml_with(sim: &Simulator, key: &str, ops_secret: &str) -> String {
     let a = &sim.account_names()[0];
     format!(
         r#"
 [clients]
 mode = "required"
-token_signing_key = "{key}"
+token_signing_key = "{}"
 [[clients.client]]
 id = "billing"
 secret_sha256 = "{}"
@@ -33,10 +38,15 @@ accounts = ["*"]
 rate_per_second = 0.5
 burst = 2
 "#,
+        signing_key(key),
         sha256_hex("billing-secret"),
-        sha256_hex("ops-secret"),
+        sha256_hex(ops_secret),
         sha256_hex("slow-secret"),
     )
+}
+
+fn signing_key(key: &str) -> String {
+    format!("{key}-0123456789abcdef0123456789abcdef")
 }
 
 fn basic(id: &str, secret: &str) -> String {

@@ -387,6 +387,89 @@ async fn tokens_die_with_their_secret_and_never_outlive_token_ttl() {
 }
 
 #[tokio::test]
+async fn admin_routes_that_change_state_need_the_admin_token() {
+    const ADMIN_TOKEN: &str = "adm-0123456789abcdef0123";
+    let sim = start_sim(sim_opts()).await;
+    let extra = format!(
+        "{}\n[server]\nadmin_token = \"{ADMIN_TOKEN}\"\n",
+        clients_toml(&sim, "k1")
+    );
+    let gw = start_gateway(config(&sim.base_url(), &extra)).await;
+    wait_ready(&gw).await;
+    let account = sim.account_names()[0].clone();
+    let page = format!("{}{}", gw.base_url(), license_path(&account, 0));
+    let ops = basic("ops", "ops-secret");
+    let r = get_with(&page, &[("authorization", &ops)]).await;
+    assert_eq!(r.header("x-cache"), "MISS");
+    let admin = gw.admin_url();
+    let purges = [
+        format!("{admin}/cache"),
+        format!("{admin}/cache/accounts/{account}"),
+    ];
+    for url in &purges {
+        for auth in [
+            None,
+            Some("Bearer adm-0123456789abcdef012".to_string()),
+            Some(format!("Bearer {ADMIN_TOKEN}x")),
+            Some(format!("Basic {ADMIN_TOKEN}")),
+            Some(ops.clone()),
+        ] {
+            let headers: Vec<(&str, &str)> =
+                auth.iter().map(|a| ("authorization", a.as_str())).collect();
+            let r = request(Method::DELETE, url, &headers, b"").await;
+            assert_eq!(
+                (r.status, r.error_code().as_str()),
+                (StatusCode::UNAUTHORIZED, "GW_UNAUTHORIZED"),
+                "{url} {auth:?}"
+            );
+            assert!(!r.header("www-authenticate").is_empty());
+            assert!(!format!("{:?}", r.body).contains(ADMIN_TOKEN));
+        }
+    }
+    // Nothing was purged; read-only routes stay open without the token.
+    let r = get_with(&page, &[("authorization", &ops)]).await;
+    assert_eq!(r.header("x-cache"), "HIT");
+    assert_eq!(sim.count("licenses"), 1);
+    for route in ["/metrics", "/healthz", "/readyz", "/status"] {
+        assert_eq!(
+            get(&format!("{admin}{route}")).await.status,
+            StatusCode::OK,
+            "{route}"
+        );
+    }
+    assert!(!get(&format!("{admin}/status"))
+        .await
+        .body
+        .windows(ADMIN_TOKEN.len())
+        .any(|w| w == ADMIN_TOKEN.as_bytes()));
+    // With the token: purged.
+    let bearer = format!("Bearer {ADMIN_TOKEN}");
+    let r = request(
+        Method::DELETE,
+        &purges[1],
+        &[("authorization", &bearer)],
+        b"",
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.json()["purged"].as_u64()),
+        (StatusCode::OK, Some(1))
+    );
+    let r = request(
+        Method::DELETE,
+        &purges[0],
+        &[("authorization", &bearer)],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = get_with(&page, &[("authorization", &ops)]).await;
+    assert_eq!(r.header("x-cache"), "MISS");
+    assert_eq!(sim.count("licenses"), 2);
+    assert_no_rejected_login(&sim);
+}
+
+#[tokio::test]
 async fn hostile_paths_and_headers_never_reach_the_upstream() {
     let sim = start_sim(sim_opts()).await;
     let gw = start_gateway(config(&sim.base_url(), &clients_toml(&sim, "k"))).await;

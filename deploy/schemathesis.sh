@@ -20,11 +20,13 @@ trap cleanup EXIT
 "$BIN" sim --listen 127.0.0.1:0 > "$WORK/sim.out" 2>&1 & PIDS+=($!)
 for _ in $(seq 1 100); do grep -q "listening on" "$WORK/sim.out" && break; sleep 0.05; done
 SIM=$(sed -n 's/.*listening on //p' "$WORK/sim.out")
-HASH=$(printf 'fuzz-secret' | "$BIN" hash-secret)
+HASH=$(printf 'fuzz-secret-0123456' | "$BIN" hash-secret)
+ADMIN_TOKEN=fuzz-admin-token-0123456789
 cat > "$WORK/gw.toml" <<CFG
 [server]
 listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
+admin_token = "$ADMIN_TOKEN"
 [upstream]
 base_url = "$SIM"
 rate_per_second = 100000.0
@@ -62,10 +64,11 @@ common=(--max-examples "$EXAMPLES" --seed "$SEED" --request-timeout 10 --no-colo
         --checks all --exclude-checks positive_data_acceptance
         --suppress-health-check all --generation-database none --workers 1)
 echo "== client API ($LISTEN)"
-"$VENV/bin/schemathesis" run deploy/openapi.yaml --url "http://$LISTEN" -a fuzz:fuzz-secret \
+"$VENV/bin/schemathesis" run deploy/openapi.yaml --url "http://$LISTEN" -a fuzz:fuzz-secret-0123456 \
   --include-path-regex '^/(api|gateway)/' "${common[@]}"
 echo "== admin API ($ADMIN)"
 "$VENV/bin/schemathesis" run deploy/openapi.yaml --url "http://$ADMIN" \
+  -H "Authorization: Bearer $ADMIN_TOKEN" \
   --include-path-regex '^/(metrics|healthz|readyz|status|cache)' "${common[@]}"
 # No request crashed or hung the gateway.
 kill -0 "$GW_PID"

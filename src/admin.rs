@@ -2,6 +2,7 @@
 
 use crate::app::Gateway;
 use crate::circuit::CircuitState;
+use crate::error::GatewayError;
 use crate::respond::{json_value, text, Body};
 use crate::server::Handler;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
@@ -37,6 +38,32 @@ fn wall(at: Instant) -> String {
 }
 
 impl AdminApi {
+    /// SPEC §7's rule for every admin route that changes state (purges, credential reset,
+    /// reload): `Authorization: Bearer <server.admin_token>` when the token is set; without one,
+    /// only a loopback `admin_listen` serves them (behind a sidecar or a port-forward every peer
+    /// looks like loopback, so the peer address proves nothing). Read-only routes never call it.
+    pub fn authorize_change<B>(&self, req: &Request<B>) -> Result<(), GatewayError> {
+        let server = &self.0.cfg.server;
+        if server.admin_token.is_empty() {
+            return if server.admin_listen.ip().is_loopback() {
+                Ok(())
+            } else {
+                Err(GatewayError::AdminForbidden)
+            };
+        }
+        let presented = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim());
+        match presented {
+            Some(token) if server.admin_token.matches(token) => Ok(()),
+            _ => Err(GatewayError::Unauthorized("missing or invalid admin token")),
+        }
+    }
+
     fn not_ready_reasons(&self) -> Vec<String> {
         let g = &self.0;
         let mut reasons = g.tokens.not_ready_reasons();
@@ -120,6 +147,9 @@ impl Handler for AdminApi {
             "/status" if get => self.status().await,
             "/metrics" | "/healthz" | "/readyz" | "/status" => method_not_allowed("GET, HEAD"),
             "/cache" if req.method() == Method::DELETE => {
+                if let Err(e) = self.authorize_change(&req) {
+                    return e.to_response();
+                }
                 let n = g.cache.store.purge_all().await;
                 tracing::info!(purged = n, "cache purged");
                 json_value(StatusCode::OK, &json!({"purged": n}))
@@ -129,6 +159,9 @@ impl Handler for AdminApi {
                 Some(account) if crate::route::valid_account(account) => {
                     if req.method() != Method::DELETE {
                         return method_not_allowed("DELETE");
+                    }
+                    if let Err(e) = self.authorize_change(&req) {
+                        return e.to_response();
                     }
                     let n = g.cache.store.purge_account(account).await;
                     tracing::info!(purged = n, "account purged from cache");
@@ -143,6 +176,89 @@ impl Handler for AdminApi {
                 }
                 None => not_found(),
             },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::{OutRequest, Transport, TransportError, TransportFuture};
+    use std::time::Duration;
+
+    struct NoUpstream;
+
+    impl Transport for NoUpstream {
+        fn send(&self, _: OutRequest, _: Duration) -> TransportFuture<'_> {
+            Box::pin(async { Err(TransportError::Connect("no upstream in this test".into())) })
+        }
+    }
+
+    fn admin(extra: &str) -> AdminApi {
+        let cfg = crate::config::from_toml_with_env(
+            &format!("[upstream]\nbase_url = \"http://127.0.0.1:1\"\n[credentials]\nguard_file = \"\"\n{extra}"),
+            &[],
+        )
+        .unwrap();
+        AdminApi(Gateway::with_transport(cfg, Arc::new(NoUpstream)).unwrap())
+    }
+
+    fn purge(authorization: Option<&str>) -> Request<()> {
+        let mut b = Request::builder().method(Method::DELETE).uri("/cache");
+        if let Some(a) = authorization {
+            b = b.header(header::AUTHORIZATION, a);
+        }
+        b.body(()).unwrap()
+    }
+
+    #[test]
+    fn without_a_token_only_a_loopback_listener_changes_state() {
+        for listen in ["127.0.0.1:9090", "127.3.4.5:0", "[::1]:9090"] {
+            let api = admin(&format!("[server]\nadmin_listen = \"{listen}\"\n"));
+            assert_eq!(api.authorize_change(&purge(None)), Ok(()), "{listen}");
+        }
+        for listen in ["0.0.0.0:9090", "[::]:9090", "10.1.2.3:9090"] {
+            let api = admin(&format!("[server]\nadmin_listen = \"{listen}\"\n"));
+            let e = api.authorize_change(&purge(None)).unwrap_err();
+            assert_eq!((e.status().as_u16(), e.error_code()), (403, "GW_FORBIDDEN"));
+            // A bearer proves nothing when no token is configured.
+            assert!(api.authorize_change(&purge(Some("Bearer x"))).is_err());
+        }
+    }
+
+    #[test]
+    fn with_a_token_every_listener_needs_it() {
+        for listen in ["127.0.0.1:9090", "0.0.0.0:9090"] {
+            let api = admin(&format!(
+                "[server]\nadmin_listen = \"{listen}\"\nadmin_token = \"adm-0123456789abcdef\"\n"
+            ));
+            assert_eq!(
+                api.authorize_change(&purge(Some("Bearer adm-0123456789abcdef"))),
+                Ok(())
+            );
+            assert_eq!(
+                api.authorize_change(&purge(Some("bearer adm-0123456789abcdef"))),
+                Ok(())
+            );
+            for auth in [
+                None,
+                Some("Bearer adm-0123456789abcde"),
+                Some("Bearer adm-0123456789abcdef0"),
+                Some("Bearer "),
+                Some("Basic adm-0123456789abcdef"),
+                Some("adm-0123456789abcdef"),
+            ] {
+                let e = api.authorize_change(&purge(auth)).unwrap_err();
+                assert_eq!(
+                    (e.status().as_u16(), e.error_code()),
+                    (401, "GW_UNAUTHORIZED"),
+                    "{listen} {auth:?}"
+                );
+                assert!(e
+                    .to_response()
+                    .headers()
+                    .contains_key(header::WWW_AUTHENTICATE));
+            }
         }
     }
 }

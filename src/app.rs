@@ -39,11 +39,15 @@ impl Gateway {
             cfg.upstream.connect_timeout.0,
             cfg.upstream.max_response_bytes.as_usize(),
         )?;
-        Ok(Self::with_transport(cfg, Arc::new(transport)))
+        Ok(Self::with_transport(cfg, Arc::new(transport))?)
     }
 
-    /// Builds the gateway over any transport (unit tests use an in-memory one).
-    pub fn with_transport(cfg: Config, transport: Arc<dyn Transport>) -> Arc<Self> {
+    /// Builds the gateway over any transport (unit tests use an in-memory one). Fails only when
+    /// no token key can be drawn from the system's random generator.
+    pub fn with_transport(
+        cfg: Config,
+        transport: Arc<dyn Transport>,
+    ) -> Result<Arc<Self>, crate::clients::ClientsError> {
         let metrics = Metrics::new();
         let u = &cfg.upstream;
         let upstream = Arc::new(Upstream::new(
@@ -88,8 +92,8 @@ impl Gateway {
             cfg.cache.max_bytes.0,
             cfg.cache.ttl.0,
         ));
-        let clients = Clients::new(&cfg.clients);
-        Arc::new(Gateway {
+        let clients = Clients::new(&cfg.clients)?;
+        Ok(Arc::new(Gateway {
             cfg,
             metrics,
             upstream,
@@ -99,7 +103,7 @@ impl Gateway {
             inflight: AtomicUsize::new(0),
             started: std::time::Instant::now(),
             shutdown: Shutdown::new(),
-        })
+        }))
     }
 
     pub fn inflight(&self) -> usize {

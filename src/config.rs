@@ -263,8 +263,9 @@ impl Serialize for Dur {
 
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Config errors never quote a value (SPEC §3): the message says what is expected.
         let s = String::deserialize(d)?;
-        parse_duration(&s)
+        checked_duration(&s)
             .map(Dur)
             .map_err(serde::de::Error::custom)
     }
@@ -274,14 +275,18 @@ impl<'de> Deserialize<'de> for Dur {
 /// arithmetic.
 const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s.trim()).map_err(|e| {
-        format!("invalid duration {s:?} ({e}); write it like \"500ms\", \"5s\", \"20m\"")
-    })?;
+fn checked_duration(s: &str) -> Result<Duration, &'static str> {
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|_| "invalid duration; write it like \"500ms\", \"5s\", \"20m\"")?;
     if d > MAX_DURATION {
-        return Err(format!("duration {s:?} is longer than a year"));
+        return Err("duration longer than a year");
     }
     Ok(d)
+}
+
+/// A duration from the command line; the message quotes what was typed.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    checked_duration(s).map_err(|e| format!("{s:?}: {e}"))
 }
 
 /// A size in bytes: an integer, or a string with a `KiB`/`MiB`/`GiB` suffix.
@@ -316,9 +321,11 @@ impl<'de> Deserialize<'de> for ByteSize {
         }
         match Raw::deserialize(d)? {
             Raw::Int(n) => Ok(ByteSize(n)),
-            Raw::Str(s) => parse_size(&s)
-                .map(ByteSize)
-                .map_err(serde::de::Error::custom),
+            Raw::Str(s) => parse_size(&s).map(ByteSize).map_err(|_| {
+                serde::de::Error::custom(
+                    "invalid size; write bytes as an integer or like \"16KiB\", \"256MiB\"",
+                )
+            }),
         }
     }
 }
@@ -364,11 +371,21 @@ pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
 
 /// The pure part of [`load`]: TOML text plus an environment, validated.
 pub fn from_toml_with_env(text: &str, env: &[(String, String)]) -> Result<Config, ConfigError> {
-    let mut table: toml::Table =
-        toml::from_str(text).map_err(|e| err(format!("config: {}", one_line(&e.to_string()))))?;
+    let mut table: toml::Table = toml::from_str(text).map_err(|e| toml_error(text, &e, None))?;
     apply_env_overrides(&mut table, env)?;
-    let mut cfg: Config = Config::deserialize(toml::Value::Table(table))
-        .map_err(|e| err(format!("config: {}", one_line(&e.to_string()))))?;
+    let mut cfg: Config = Config::deserialize(toml::Value::Table(table)).map_err(|e| {
+        let key = error_key(&e);
+        // The same error read from the file itself carries its position; when the file alone is
+        // fine, the bad value came from an environment override.
+        match toml::from_str::<Config>(text) {
+            Err(in_file) => toml_error(text, &in_file, key),
+            Ok(_) => err(format!(
+                "{}: {} (set by the environment)",
+                key.as_deref().unwrap_or("config"),
+                value_free(e.message())
+            )),
+        }
+    })?;
     resolve_credentials(&mut cfg, env)?;
     cfg.validate()?;
     Ok(cfg)
@@ -378,9 +395,99 @@ fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// One line naming the key (when known), the line and column, and what is wrong. Never the
+/// offending text: toml's own `Display` quotes the source line, which may be
+/// `password = "Hunter2…`.
+fn toml_error(text: &str, e: &toml::de::Error, key: Option<String>) -> ConfigError {
+    let what = value_free(e.message());
+    let at = e
+        .span()
+        .map(|span| {
+            let (line, column) = line_column(text, span.start);
+            format!(" (line {line}, column {column})")
+        })
+        .unwrap_or_default();
+    err(format!(
+        "{}: {what}{at}",
+        key.as_deref().unwrap_or("config")
+    ))
+}
+
+/// The dotted key a deserialization error is about. toml exposes it only through `Display`,
+/// whose last line is `` in `section.key` `` when the error has no source position.
+fn error_key(e: &toml::de::Error) -> Option<String> {
+    let shown = e.to_string();
+    let last = shown.lines().last()?;
+    let key = last.strip_prefix("in `")?.strip_suffix('`')?;
+    (!key.is_empty()).then(|| key.to_string())
+}
+
+/// serde's messages quote the value they refused (`invalid type: string "Hunter2", expected
+/// u32`); keep what was expected, drop what was found.
+fn value_free(message: &str) -> String {
+    let message = one_line(message);
+    for what in [
+        "invalid type",
+        "invalid value",
+        "invalid length",
+        "unknown variant",
+    ] {
+        if message.starts_with(what) {
+            return match message.find(", expected") {
+                Some(i) => format!("{what}{}", &message[i..]),
+                None => what.to_string(),
+            };
+        }
+    }
+    message
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
 fn positive(key: &str, d: Dur) -> Result<(), ConfigError> {
     if d.0.is_zero() {
         return Err(err(format!("{key}: must be greater than 0")));
+    }
+    Ok(())
+}
+
+/// `token_signing_key` is used as given (not decoded): 32 bytes of it, at the least.
+pub const MIN_SIGNING_KEY_BYTES: usize = 32;
+
+/// The placeholder text the shipped examples use for every secret (`REPLACE-ME-…`).
+fn is_placeholder(value: &str) -> bool {
+    value.to_ascii_lowercase().contains("replace-me")
+}
+
+/// `127.0.0.0/8`, `::1` and `localhost`: the hosts a cleartext upstream may have.
+fn loopback_host(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// SPEC §3: every `rate_per_second` 0.001 to 1e6, every `burst` 1 to 1e6. Outside that the
+/// bucket arithmetic overflows (a rate of 1e-20 made a refill wait longer than `Duration` holds).
+fn rate(section: &str, rate_per_second: f64, burst: u32) -> Result<(), ConfigError> {
+    if !(0.001..=1e6).contains(&rate_per_second) {
+        return Err(err(format!(
+            "{section}.rate_per_second: must be 0.001 to 1000000"
+        )));
+    }
+    if !(1..=1_000_000).contains(&burst) {
+        return Err(err(format!("{section}.burst: must be 1 to 1000000")));
     }
     Ok(())
 }
@@ -415,12 +522,20 @@ impl Config {
         let url: http::Uri = u
             .base_url
             .parse()
-            .map_err(|_| err(format!("upstream.base_url: {:?} is not a URL", u.base_url)))?;
-        match url.scheme_str() {
-            Some("http") | Some("https") if url.host().is_some() => {}
+            .map_err(|_| err("upstream.base_url: not a URL"))?;
+        match (url.scheme_str(), url.host()) {
+            (Some("https"), Some(_)) => {}
+            // Cleartext would carry the credentials and tokens: only to this machine.
+            (Some("http"), Some(host)) if loopback_host(host) => {}
+            (Some("http"), Some(_)) => {
+                return Err(err(
+                    "upstream.base_url: http:// only for a loopback host (127.0.0.0/8, ::1, \
+                     localhost); use https://",
+                ))
+            }
             _ => {
                 return Err(err(
-                    "upstream.base_url: must be an http:// or https:// URL with a host",
+                    "upstream.base_url: must be an https:// URL with a host",
                 ))
             }
         }
@@ -441,14 +556,7 @@ impl Config {
                 u.ca_file
             )));
         }
-        if !(u.rate_per_second.is_finite() && u.rate_per_second > 0.0) {
-            return Err(err(
-                "upstream.rate_per_second: must be a number greater than 0",
-            ));
-        }
-        if u.burst == 0 {
-            return Err(err("upstream.burst: must be at least 1"));
-        }
+        rate("upstream", u.rate_per_second, u.burst)?;
         if u.max_concurrent == 0 {
             return Err(err("upstream.max_concurrent: must be at least 1"));
         }
@@ -476,14 +584,15 @@ impl Config {
             return Err(err("cache.max_bytes: must be at least 1KiB"));
         }
         let cl = &self.clients;
-        positive("clients.token_ttl", cl.token_ttl)?;
+        if cl.token_ttl.0 < Duration::from_secs(1) {
+            return Err(err("clients.token_ttl: at least 1s"));
+        }
         if cl.mode == ClientMode::None && !s.listen.ip().is_loopback() && !cl.allow_unauthenticated
         {
-            return Err(err(format!(
-                "clients.mode: \"none\" refused: server.listen {} is not loopback \
+            return Err(err(
+                "clients.mode: \"none\" refused: server.listen is not loopback \
                  (set clients.allow_unauthenticated = true to allow it)",
-                s.listen
-            )));
+            ));
         }
         let mut seen = std::collections::HashSet::new();
         for (i, client) in cl.client.iter().enumerate() {
@@ -514,11 +623,42 @@ impl Config {
                     )));
                 }
             }
-            if !(client.rate_per_second.is_finite() && client.rate_per_second > 0.0)
-                || client.burst == 0
-            {
+            rate(&key, client.rate_per_second, client.burst)?;
+        }
+        self.refuse_placeholders()?;
+        Ok(())
+    }
+
+    /// Secrets that are too short to sign with, or still the examples' placeholders: a key
+    /// copied from an example lets anyone who has read the example mint tokens.
+    fn refuse_placeholders(&self) -> Result<(), ConfigError> {
+        let key = &self.clients.token_signing_key;
+        if !key.is_empty() && key.expose().len() < MIN_SIGNING_KEY_BYTES {
+            return Err(err(format!(
+                "clients.token_signing_key: at least {MIN_SIGNING_KEY_BYTES} bytes \
+                 (e.g. `head -c 32 /dev/urandom | base64`), or empty for a random key per process"
+            )));
+        }
+        let c = &self.credentials;
+        for (name, secret) in [
+            ("clients.token_signing_key", key),
+            ("server.admin_token", &self.server.admin_token),
+            ("credentials.client_secret", &c.client_secret),
+            ("credentials.password", &c.password),
+        ] {
+            if is_placeholder(secret.expose()) {
                 return Err(err(format!(
-                    "{key}.rate_per_second/burst: must be greater than 0"
+                    "{name}: still the example's placeholder; set the real value"
+                )));
+            }
+        }
+        for (name, value) in [
+            ("credentials.client_id", &c.client_id),
+            ("credentials.username", &c.username),
+        ] {
+            if is_placeholder(value) {
+                return Err(err(format!(
+                    "{name}: still the example's placeholder; set the real value"
                 )));
             }
         }
@@ -626,5 +766,196 @@ mod tests {
     fn max_failed_logins_below_lockout() {
         let e = from_toml_with_env("[credentials]\nmax_failed_logins = 5\n", &[]).unwrap_err();
         assert!(e.0.starts_with("credentials.max_failed_logins"), "{e}");
+    }
+
+    #[test]
+    fn errors_give_key_line_and_column_never_the_value() {
+        for (text, start, at) in [
+            // A syntax error: toml's own message would quote the line.
+            (
+                "[credentials]\nusername = \"u\"\npassword = \"Hunter2-secret\n",
+                "config: ",
+                "(line 3, column 27)",
+            ),
+            (
+                "[credentials]\npassword = Hunter2-secret\n",
+                "config: ",
+                "(line 2, column 12)",
+            ),
+            (
+                "[credentials]\npassword = 12345678\n",
+                "credentials.password: invalid type, expected a string",
+                "(line 2, column 12)",
+            ),
+            (
+                "[server]\nlisten = \"Hunter2\"\n",
+                "server.listen: ",
+                "(line 2, column 10)",
+            ),
+            (
+                "[cache]\nttl = \"Hunter2\"\n",
+                "cache.ttl: invalid duration",
+                "(line 2, column 7)",
+            ),
+            (
+                "[cache]\nmax_bytes = \"Hunter2\"\n",
+                "cache.max_bytes: invalid size",
+                "(line 2, column 13)",
+            ),
+            (
+                "[clients]\nmode = \"Hunter2\"\n",
+                "clients.mode: unknown variant, expected `required` or `none`",
+                "(line 2, column 8)",
+            ),
+            (
+                "[upstream]\nburst = \"Hunter2\"\n",
+                "upstream.burst: invalid type, expected u32",
+                "(line 2, column 9)",
+            ),
+        ] {
+            let e = from_toml_with_env(text, &[]).unwrap_err().0;
+            assert!(e.starts_with(start) && e.ends_with(at), "{text:?}: {e}");
+            assert!(!e.contains("Hunter2") && !e.contains("12345678"), "{e}");
+            assert_eq!(e.lines().count(), 1, "{e}");
+        }
+        let env = env(&[("THINGSPACE_GATEWAY_CACHE__TTL", "Hunter2")]);
+        let e = from_toml_with_env("", &env).unwrap_err().0;
+        assert_eq!(
+            e,
+            "cache.ttl: invalid duration; write it like \"500ms\", \"5s\", \"20m\" \
+             (set by the environment)"
+        );
+    }
+
+    #[test]
+    fn cleartext_upstream_only_on_loopback() {
+        for url in [
+            "http://127.0.0.1:8081",
+            "http://127.9.8.7",
+            "http://localhost:8081/base",
+            "http://LOCALHOST",
+            "http://[::1]:8081",
+            "https://thingspace.verizon.com",
+            "https://10.0.0.1:8443",
+        ] {
+            let t = format!("[upstream]\nbase_url = \"{url}\"\n");
+            from_toml_with_env(&t, &[]).unwrap_or_else(|e| panic!("{url}: {e}"));
+        }
+        for url in [
+            "http://thingspace.verizon.com",
+            "http://10.0.0.1:8081",
+            "http://[::2]:8081",
+            "http://localhost.example.com",
+            "http://128.0.0.1",
+            "ftp://127.0.0.1",
+            "127.0.0.1:8081",
+        ] {
+            let t = format!("[upstream]\nbase_url = \"{url}\"\n");
+            let e = from_toml_with_env(&t, &[]).unwrap_err().0;
+            assert!(e.starts_with("upstream.base_url: "), "{url}: {e}");
+        }
+    }
+
+    #[test]
+    fn every_rate_and_burst_is_bounded() {
+        for (text, key) in [
+            (
+                "[upstream]\nrate_per_second = 1e-20\n",
+                "upstream.rate_per_second",
+            ),
+            (
+                "[upstream]\nrate_per_second = 0.0009\n",
+                "upstream.rate_per_second",
+            ),
+            (
+                "[upstream]\nrate_per_second = 1000001.0\n",
+                "upstream.rate_per_second",
+            ),
+            (
+                "[upstream]\nrate_per_second = nan\n",
+                "upstream.rate_per_second",
+            ),
+            (
+                "[upstream]\nrate_per_second = inf\n",
+                "upstream.rate_per_second",
+            ),
+            ("[upstream]\nburst = 0\n", "upstream.burst"),
+            ("[upstream]\nburst = 1000001\n", "upstream.burst"),
+        ] {
+            let e = from_toml_with_env(text, &[]).unwrap_err().0;
+            assert!(e.starts_with(&format!("{key}: ")), "{text:?}: {e}");
+        }
+        from_toml_with_env(
+            "[upstream]\nrate_per_second = 0.001\nburst = 1000000\n",
+            &[],
+        )
+        .unwrap();
+        let client = |rate: &str, burst: &str| {
+            format!(
+                "[[clients.client]]\nid = \"a\"\nsecret_sha256 = \"{}\"\naccounts = [\"*\"]\n\
+                 [[clients.client]]\nid = \"b\"\nsecret_sha256 = \"{}\"\naccounts = [\"*\"]\n\
+                 rate_per_second = {rate}\nburst = {burst}\n",
+                "0".repeat(64),
+                "0".repeat(64)
+            )
+        };
+        from_toml_with_env(&client("1e6", "1000000"), &[]).unwrap();
+        for (rate, burst, key) in [
+            ("1e-20", "1", "clients.client[1].rate_per_second"),
+            ("2e6", "1", "clients.client[1].rate_per_second"),
+            ("1.0", "0", "clients.client[1].burst"),
+            ("1.0", "4000000000", "clients.client[1].burst"),
+        ] {
+            let e = from_toml_with_env(&client(rate, burst), &[]).unwrap_err().0;
+            assert!(e.starts_with(&format!("{key}: ")), "{rate} {burst}: {e}");
+        }
+    }
+
+    #[test]
+    fn signing_keys_and_placeholders() {
+        let key = |k: &str| format!("[clients]\ntoken_signing_key = \"{k}\"\n");
+        from_toml_with_env(&key(""), &[]).unwrap();
+        from_toml_with_env(&key(&"k".repeat(32)), &[]).unwrap();
+        for k in [
+            "k",
+            &"k".repeat(31),
+            "replace-me-with-32-random-bytes-and-more",
+            "REPLACE-ME: head -c 32 /dev/urandom | base64",
+        ] {
+            let e = from_toml_with_env(&key(k), &[]).unwrap_err().0;
+            assert!(e.starts_with("clients.token_signing_key: "), "{k}: {e}");
+            assert!(k.len() < 5 || !e.contains(k), "{e}");
+        }
+        // The same through the environment.
+        let env = env(&[("THINGSPACE_GATEWAY_TOKEN_KEY", "short")]);
+        let e = from_toml_with_env("", &env).unwrap_err().0;
+        assert!(e.starts_with("clients.token_signing_key: "), "{e}");
+        for (text, name) in [
+            (
+                "[server]\nadmin_token = \"replace-me\"\n",
+                "server.admin_token",
+            ),
+            (
+                "[credentials]\npassword = \"Replace-Me\"\n",
+                "credentials.password",
+            ),
+            (
+                "[credentials]\nclient_secret = \"replace-me\"\n",
+                "credentials.client_secret",
+            ),
+            (
+                "[credentials]\nclient_id = \"replace-me\"\n",
+                "credentials.client_id",
+            ),
+            (
+                "[credentials]\nusername = \"replace-me\"\n",
+                "credentials.username",
+            ),
+        ] {
+            let e = from_toml_with_env(text, &[]).unwrap_err().0;
+            assert!(e.starts_with(&format!("{name}: ")), "{text:?}: {e}");
+        }
+        let e = from_toml_with_env("[clients]\ntoken_ttl = \"500ms\"\n", &[]).unwrap_err();
+        assert!(e.0.starts_with("clients.token_ttl: "), "{e}");
     }
 }

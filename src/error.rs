@@ -33,6 +33,9 @@ pub enum GatewayError {
     Unauthorized(&'static str),
     #[error("client is not allowed this account")]
     Forbidden,
+    /// A state-changing admin route without `server.admin_token` on a non-loopback admin listener.
+    #[error("admin changes need server.admin_token or a loopback admin_listen")]
+    AdminForbidden,
     #[error("no such route")]
     NotFound,
     #[error("method not allowed")]
@@ -65,7 +68,7 @@ impl GatewayError {
         match self {
             InvalidParameter(_) | BadRequest(_) => StatusCode::BAD_REQUEST,
             Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            Forbidden => StatusCode::FORBIDDEN,
+            Forbidden | AdminForbidden => StatusCode::FORBIDDEN,
             NotFound => StatusCode::NOT_FOUND,
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -81,7 +84,7 @@ impl GatewayError {
         match self {
             InvalidParameter(_) | BadRequest(_) => "INVALID_PARAMETER",
             Unauthorized(_) => "GW_UNAUTHORIZED",
-            Forbidden => "GW_FORBIDDEN",
+            Forbidden | AdminForbidden => "GW_FORBIDDEN",
             NotFound => "GW_NOT_FOUND",
             MethodNotAllowed { .. } => "GW_METHOD_NOT_ALLOWED",
             RateLimited { .. } => "GW_RATE_LIMITED",
@@ -163,6 +166,7 @@ mod tests {
             (BadRequest("x"), 400, "INVALID_PARAMETER"),
             (Unauthorized("x"), 401, "GW_UNAUTHORIZED"),
             (Forbidden, 403, "GW_FORBIDDEN"),
+            (AdminForbidden, 403, "GW_FORBIDDEN"),
             (NotFound, 404, "GW_NOT_FOUND"),
             (
                 MethodNotAllowed { allow: "GET" },

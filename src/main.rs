@@ -38,7 +38,7 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Read a client secret on stdin and print its `secret_sha256`.
+    /// Read a client secret (16 characters or more) on stdin and print its `secret_sha256`.
     HashSecret,
 }
 
@@ -79,6 +79,10 @@ struct SimArgs {
     #[arg(long)]
     tls_cert_out: Option<PathBuf>,
 }
+
+/// `hash-secret` refuses shorter client secrets (SPEC §2): the SHA-256 in the config is
+/// unsalted, so a short secret could be found from it by brute force.
+const MIN_CLIENT_SECRET_CHARS: usize = 16;
 
 fn duration(s: &str) -> Result<Duration, String> {
     config::parse_duration(s)
@@ -123,9 +127,14 @@ fn main() -> ExitCode {
                 eprintln!("cannot read the secret from stdin");
                 return ExitCode::from(2);
             }
-            let secret = secret.trim_end_matches(['\n', '\r']);
-            if secret.is_empty() {
-                eprintln!("empty secret on stdin");
+            // As a secret file is read: one trailing line ending off, nothing else.
+            let secret = thingspace_gateway::secret::strip_line_ending(&secret);
+            let chars = secret.chars().count();
+            if chars < MIN_CLIENT_SECRET_CHARS {
+                eprintln!(
+                    "hash-secret: the secret on stdin has {chars} characters; a client secret needs \
+                     at least {MIN_CLIENT_SECRET_CHARS} (e.g. `head -c 24 /dev/urandom | base64`)"
+                );
                 return ExitCode::from(2);
             }
             println!("{}", thingspace_gateway::clients::sha256_hex(secret));

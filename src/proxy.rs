@@ -62,7 +62,9 @@ impl Gateway {
         authorization: Option<&str>,
         body: B,
     ) -> Result<Response<Body>, GatewayError> {
-        let who = self.clients.authenticate(authorization)?;
+        // Basic only (a token is never traded for a fresh one), and rated like any request.
+        let who = self.clients.authenticate_for_token(authorization)?;
+        self.clients.authorize(&who, None)?;
         let form = self.read_post_body(body).await?;
         let grant_ok = std::str::from_utf8(&form)
             .map(|s| {
@@ -75,7 +77,7 @@ impl Gateway {
                 "grant_type must be client_credentials",
             ));
         }
-        let (token, expires_in) = self.clients.issue_token(who.id());
+        let (token, expires_in) = self.clients.issue_token(&who);
         let mut r = json_value(
             StatusCode::OK,
             &serde_json::json!({

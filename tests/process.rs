@@ -128,11 +128,16 @@ fn check_config_and_hash_secret_exit_codes() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(b"s3cret\n").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"s3cret-s3cret-s3cret\n")
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        thingspace_gateway::clients::sha256_hex("s3cret")
+        thingspace_gateway::clients::sha256_hex("s3cret-s3cret-s3cret")
     );
 }
 
@@ -200,7 +205,7 @@ async fn trace_logs_status_and_errors_carry_no_secret() {
             "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
              [upstream]\nbase_url = \"{}\"\n\
              [credentials]\nclient_id = \"demo-key\"\nclient_secret_file = {:?}\nusername = \"demo-user\"\npassword = \"{password}\"\n\
-             [clients]\nmode = \"required\"\ntoken_signing_key = \"signing-key-77\"\n\
+             [clients]\nmode = \"required\"\ntoken_signing_key = \"signing-key-77-0123456789abcdef0123\"\n\
              [[clients.client]]\nid = \"app\"\nsecret_sha256 = \"{}\"\naccounts = [\"*\"]\n[log]\nformat = \"json\"\n",
             sim.base_url(),
             secret_file.display().to_string(),

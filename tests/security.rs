@@ -9,13 +9,18 @@ use thingspace_gateway::clients::sha256_hex;
 use thingspace_sim::Simulator;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// The clients every test here registers; `key` is padded to the 32 bytes a signing key needs.
 fn clients_toml(sim: &Simulator, key: &str) -> String {
+    clients_toml_with(sim, key, "ops-secret")
+}
+
+fn clients_toml_with(sim: &Simulator, key: &str, ops_secret: &str) -> String {
     let a = &sim.account_names()[0];
     format!(
         r#"
 [clients]
 mode = "required"
-token_signing_key = "{key}"
+token_signing_key = "{}"
 [[clients.client]]
 id = "billing"
 secret_sha256 = "{}"
@@ -33,10 +38,24 @@ accounts = ["*"]
 rate_per_second = 0.5
 burst = 2
 "#,
+        signing_key(key),
         sha256_hex("billing-secret"),
-        sha256_hex("ops-secret"),
+        sha256_hex(ops_secret),
         sha256_hex("slow-secret"),
     )
+}
+
+fn signing_key(key: &str) -> String {
+    format!("{key}-0123456789abcdef0123456789abcdef")
+}
+
+/// No test here may cost the upstream user a rejected login.
+fn assert_no_rejected_login(sim: &Simulator) {
+    assert_eq!(
+        sim.count("session_login"),
+        sim.count_status("session_login", 200),
+        "every upstream login accepted"
+    );
 }
 
 fn basic(id: &str, secret: &str) -> String {
@@ -246,6 +265,208 @@ async fn tokens_cross_instances_only_with_the_same_key() {
         .await;
         assert_eq!(r.status, StatusCode::UNAUTHORIZED, "tampered at {i}");
     }
+}
+
+async fn token_request(base: &str, authorization: &str) -> Resp {
+    request(
+        Method::POST,
+        &format!("{base}/api/ts/v1/oauth2/token"),
+        &[
+            ("authorization", authorization),
+            ("content-type", "application/x-www-form-urlencoded"),
+        ],
+        b"grant_type=client_credentials",
+    )
+    .await
+}
+
+#[tokio::test]
+async fn token_endpoint_takes_basic_only_and_applies_the_client_rate() {
+    let sim = start_sim(sim_opts()).await;
+    let gw = start_gateway(config(&sim.base_url(), &clients_toml(&sim, "k1"))).await;
+    let base = gw.base_url();
+    // A bearer is never traded for a fresh token (that made tokens self-renewing forever).
+    let token = gateway_token(&base, "ops", "ops-secret").await;
+    let r = token_request(&base, &format!("Bearer {token}")).await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (StatusCode::UNAUTHORIZED, "GW_UNAUTHORIZED")
+    );
+    assert!(!r.header("www-authenticate").is_empty());
+    assert!(r.json()["access_token"].is_null());
+    // The token endpoint spends the client's own rate: `slow` has a burst of 2.
+    for _ in 0..2 {
+        gateway_token(&base, "slow", "slow-secret").await;
+    }
+    let r = token_request(&base, &basic("slow", "slow-secret")).await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, "GW_RATE_LIMITED")
+    );
+    assert_eq!(r.header("retry-after"), "2");
+    // The bucket is the one page requests use.
+    let r = get_with(
+        &format!("{base}{}", license_path(&sim.account_names()[0], 0)),
+        &[("authorization", &basic("slow", "slow-secret"))],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_no_rejected_login(&sim);
+}
+
+/// Re-signs `token`'s payload with its expiry (the largest number in it) moved ten years out:
+/// what anyone holding the signing key (for instance an example's placeholder) can do.
+fn forge_ten_year_expiry(token: &str, key: &str) -> String {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let payload = URL_SAFE_NO_PAD
+        .decode(token.split_once('.').unwrap().0)
+        .unwrap();
+    let payload = String::from_utf8(payload).unwrap();
+    let expiry = payload
+        .split('\n')
+        .filter_map(|f| f.parse::<u64>().ok())
+        .max()
+        .unwrap();
+    let forged = payload.replace(
+        &expiry.to_string(),
+        &(expiry + 10 * 365 * 24 * 3600).to_string(),
+    );
+    let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.as_bytes());
+    let sig = ring::hmac::sign(&k, forged.as_bytes());
+    format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(&forged),
+        URL_SAFE_NO_PAD.encode(sig.as_ref())
+    )
+}
+
+#[tokio::test]
+async fn tokens_die_with_their_secret_and_never_outlive_token_ttl() {
+    let sim = start_sim(sim_opts()).await;
+    let path = license_path(&sim.account_names()[0], 0);
+    let issuer = start_gateway(config(&sim.base_url(), &clients_toml(&sim, "k1"))).await;
+    // Same key: the same clients (accepts), `ops` re-keyed, `ops` removed.
+    let same = start_gateway(config(&sim.base_url(), &clients_toml(&sim, "k1"))).await;
+    let rotated = start_gateway(config(
+        &sim.base_url(),
+        &clients_toml_with(&sim, "k1", "ops-secret-rotated"),
+    ))
+    .await;
+    let removed_toml = clients_toml(&sim, "k1").replace("id = \"ops\"", "id = \"ops-renamed\"");
+    let removed = start_gateway(config(&sim.base_url(), &removed_toml)).await;
+    let token = gateway_token(&issuer.base_url(), "ops", "ops-secret").await;
+    let bearer = format!("Bearer {token}");
+    let status = |gw: &thingspace_gateway::app::Running, auth: String| {
+        let url = format!("{}{path}", gw.base_url());
+        async move { get_with(&url, &[("authorization", &auth)]).await }
+    };
+    assert_eq!(status(&same, bearer.clone()).await.status, StatusCode::OK);
+    // A well-signed token whose expiry lies ten years out is refused.
+    let forged = forge_ten_year_expiry(&token, &signing_key("k1"));
+    let r = status(&issuer, format!("Bearer {forged}")).await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (StatusCode::UNAUTHORIZED, "GW_UNAUTHORIZED")
+    );
+    for gw in [&rotated, &removed] {
+        let r = status(gw, bearer.clone()).await;
+        assert_eq!(
+            (r.status, r.error_code().as_str()),
+            (StatusCode::UNAUTHORIZED, "GW_UNAUTHORIZED")
+        );
+    }
+    // The rotated secret itself works there.
+    let r = status(&rotated, basic("ops", "ops-secret-rotated")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(
+        sim.count("licenses"),
+        2,
+        "one upstream call per gateway that answered 200"
+    );
+    assert_no_rejected_login(&sim);
+}
+
+#[tokio::test]
+async fn admin_routes_that_change_state_need_the_admin_token() {
+    const ADMIN_TOKEN: &str = "adm-0123456789abcdef0123";
+    let sim = start_sim(sim_opts()).await;
+    let extra = format!(
+        "{}\n[server]\nadmin_token = \"{ADMIN_TOKEN}\"\n",
+        clients_toml(&sim, "k1")
+    );
+    let gw = start_gateway(config(&sim.base_url(), &extra)).await;
+    wait_ready(&gw).await;
+    let account = sim.account_names()[0].clone();
+    let page = format!("{}{}", gw.base_url(), license_path(&account, 0));
+    let ops = basic("ops", "ops-secret");
+    let r = get_with(&page, &[("authorization", &ops)]).await;
+    assert_eq!(r.header("x-cache"), "MISS");
+    let admin = gw.admin_url();
+    let purges = [
+        format!("{admin}/cache"),
+        format!("{admin}/cache/accounts/{account}"),
+    ];
+    for url in &purges {
+        for auth in [
+            None,
+            Some("Bearer adm-0123456789abcdef012".to_string()),
+            Some(format!("Bearer {ADMIN_TOKEN}x")),
+            Some(format!("Basic {ADMIN_TOKEN}")),
+            Some(ops.clone()),
+        ] {
+            let headers: Vec<(&str, &str)> =
+                auth.iter().map(|a| ("authorization", a.as_str())).collect();
+            let r = request(Method::DELETE, url, &headers, b"").await;
+            assert_eq!(
+                (r.status, r.error_code().as_str()),
+                (StatusCode::UNAUTHORIZED, "GW_UNAUTHORIZED"),
+                "{url} {auth:?}"
+            );
+            assert!(!r.header("www-authenticate").is_empty());
+            assert!(!format!("{:?}", r.body).contains(ADMIN_TOKEN));
+        }
+    }
+    // Nothing was purged; read-only routes stay open without the token.
+    let r = get_with(&page, &[("authorization", &ops)]).await;
+    assert_eq!(r.header("x-cache"), "HIT");
+    assert_eq!(sim.count("licenses"), 1);
+    for route in ["/metrics", "/healthz", "/readyz", "/status"] {
+        assert_eq!(
+            get(&format!("{admin}{route}")).await.status,
+            StatusCode::OK,
+            "{route}"
+        );
+    }
+    assert!(!get(&format!("{admin}/status"))
+        .await
+        .body
+        .windows(ADMIN_TOKEN.len())
+        .any(|w| w == ADMIN_TOKEN.as_bytes()));
+    // With the token: purged.
+    let bearer = format!("Bearer {ADMIN_TOKEN}");
+    let r = request(
+        Method::DELETE,
+        &purges[1],
+        &[("authorization", &bearer)],
+        b"",
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.json()["purged"].as_u64()),
+        (StatusCode::OK, Some(1))
+    );
+    let r = request(
+        Method::DELETE,
+        &purges[0],
+        &[("authorization", &bearer)],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = get_with(&page, &[("authorization", &ops)]).await;
+    assert_eq!(r.header("x-cache"), "MISS");
+    assert_eq!(sim.count("licenses"), 2);
+    assert_no_rejected_login(&sim);
 }
 
 #[tokio::test]

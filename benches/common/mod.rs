@@ -29,6 +29,6 @@ pub async fn gateway_over_sim(accounts: usize, devices: usize) -> (Simulator, Ar
         &[],
     )
     .expect("config");
-    let gw = Gateway::with_transport(cfg, sim_transport(&sim, 1 << 26));
+    let gw = Gateway::with_transport(cfg, sim_transport(&sim, 1 << 26)).expect("gateway builds");
     (sim, gw)
 }

@@ -2,7 +2,7 @@
 //! credential variables, and secret files.
 
 use super::{err, Config, ConfigError, ENV_PREFIX};
-use crate::secret::Secret;
+use crate::secret::{strip_line_ending, Secret};
 
 /// `THINGSPACE_GATEWAY_UPSTREAM__BASE_URL=...` sets `upstream.base_url`. The value is typed by
 /// the key's default, so `"0123"` stays a string where the key is a string.
@@ -35,11 +35,7 @@ pub(super) fn apply_env_overrides(
             _ => toml::from_str::<toml::Table>(&format!("v = {raw}"))
                 .ok()
                 .and_then(|mut t| t.remove("v"))
-                .ok_or_else(|| {
-                    err(format!(
-                        "{name}: {raw:?} is not a valid value for {section}.{key}"
-                    ))
-                })?,
+                .ok_or_else(|| err(format!("{name}: not a valid value for {section}.{key}")))?,
         };
         let entry = table
             .entry(section.clone())
@@ -60,9 +56,11 @@ fn env_get<'a>(env: &'a [(String, String)], name: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
+/// The file's whole text with one trailing line ending removed (SPEC §3): a password that ends in
+/// a space keeps its space, or the gateway would send a wrong password (a rejected login).
 fn read_secret_file(key: &str, path: &str) -> Result<Secret, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| err(format!("{key}: {path}: {e}")))?;
-    Ok(Secret::new(text.trim_end_matches(['\n', '\r', ' ', '\t'])))
+    Ok(Secret::new(strip_line_ending(&text)))
 }
 
 /// Env wins over file, file over inline.
@@ -100,4 +98,42 @@ pub(super) fn resolve_credentials(
         server.admin_token = Secret::new(v);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_files_lose_one_line_ending_and_nothing_else() {
+        let dir = std::env::temp_dir().join(format!("tsgw-secret-file-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (i, (text, secret)) in [
+            ("pass word \t\n", "pass word \t"),
+            ("  pass\r\n", "  pass"),
+            ("pass\n\n", "pass\n"),
+            ("pass ", "pass "),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let path = dir.join(format!("s{i}"));
+            std::fs::write(&path, text).unwrap();
+            let got =
+                read_secret_file("credentials.password_file", path.to_str().unwrap()).unwrap();
+            assert_eq!(got.expose(), secret, "{text:?}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_bad_env_value_is_not_echoed() {
+        let env = vec![(
+            "THINGSPACE_GATEWAY_UPSTREAM__BURST".to_string(),
+            "Hunter2-not-a-number".to_string(),
+        )];
+        let e = apply_env_overrides(&mut toml::Table::new(), &env).unwrap_err();
+        assert!(e.0.contains("upstream.burst"), "{e}");
+        assert!(!e.0.contains("Hunter2"), "{e}");
+    }
 }

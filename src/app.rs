@@ -145,6 +145,7 @@ impl Running {
             // hyper's hard cap sits above ours so that our 431 (with its JSON body) answers first.
             max_head_bytes: s.max_header_bytes.as_usize() * 2 + 8192,
             max_headers: crate::proxy::MAX_HEADERS + 28,
+            write_timeout: s.write_timeout.0,
             tls: None,
         };
         let client_opts = ServeOptions {

@@ -263,3 +263,64 @@ async fn one_clients_flood_of_cold_keys_does_not_starve_another() {
     assert_eq!(p.sim.count("session_login"), 1, "one login, none rejected");
     assert_eq!(p.sim.count_status("session_login", 200), 1);
 }
+
+/// SPEC §3 `write_timeout`: a client that reads nothing of its answer is cut off. With one
+/// connection allowed, the next client is answered only once the stalled one is closed.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_after_write_timeout() {
+    let sim = start_sim(SimOptions {
+        accounts: 1,
+        devices: 100_000,
+        page_size: 10_000,
+        ..sim_opts()
+    })
+    .await;
+    let gw = start_gateway(config(
+        &sim.base_url(),
+        "[server]\nwrite_timeout = \"200ms\"\nmax_connections = 1\n\
+         [upstream]\nrate_per_second = 1000.0\nburst = 1000\n",
+    ))
+    .await;
+    wait_ready(&gw).await;
+    let account = sim.account_names()[0].clone();
+    // A small receive window, so that the ~8 MB answer cannot all sit in kernel buffers.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(gw.addr).await.unwrap();
+    stalled
+        .write_all(
+            format!("GET /gateway/v1/accounts/{account}/licenses HTTP/1.1\r\nHost: x\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let next = tokio::time::timeout(
+        Duration::from_secs(30),
+        get(&format!("{}/nope", gw.base_url())),
+    )
+    .await
+    .expect("the next client is served once the stalled connection is cut off");
+    assert_eq!(next.status, StatusCode::NOT_FOUND);
+    assert_eq!(sim.count("licenses"), 10, "the whole account was read");
+    // The stalled connection is closed: draining it now ends before the whole answer.
+    let mut got = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(30), stalled.read_to_end(&mut got))
+        .await
+        .expect("the connection was closed");
+    let text = String::from_utf8_lossy(&got[..got.len().min(4096)]).to_lowercase();
+    assert!(text.starts_with("http/1.1 200"), "{text}");
+    let length: usize = text
+        .split("content-length: ")
+        .nth(1)
+        .and_then(|v| v.split("\r\n").next())
+        .and_then(|v| v.parse().ok())
+        .expect("content-length");
+    let head = text.find("\r\n\r\n").unwrap() + 4;
+    assert!(length > 8_000_000, "{length}");
+    assert!(
+        end.is_err() || got.len() < head + length,
+        "got {} of {} bytes",
+        got.len(),
+        head + length
+    );
+}

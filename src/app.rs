@@ -22,6 +22,40 @@ use tokio::net::TcpListener;
 /// through `mmap` and cost ~12 µs, which would tax every request to answer a few odd ones nicely.
 pub const HYPER_MAX_HEADERS: usize = 1000;
 
+/// Raises the open-files soft limit to the hard limit (each client connection is a file) and
+/// warns once if `max_connections`, plus room for the gateway's own files, is above it.
+/// Returns the limit in force.
+pub fn raise_open_files_limit(max_connections: usize) -> Option<u64> {
+    #[cfg(unix)]
+    {
+        /// Listeners, upstream connections, the guard file, logs.
+        const OWN_FILES: u64 = 64;
+        match rlimit::increase_nofile_limit(u64::MAX) {
+            Ok(limit) => {
+                if (max_connections as u64).saturating_add(OWN_FILES) > limit {
+                    tracing::warn!(
+                        max_connections,
+                        open_files_limit = limit,
+                        "server.max_connections is above the open-files limit: connections past \
+                         it fail to open; raise the hard limit (ulimit -Hn, LimitNOFILE) or lower \
+                         max_connections"
+                    );
+                }
+                Some(limit)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read or raise the open-files limit");
+                None
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = max_connections;
+        None
+    }
+}
+
 /// Everything the request path needs; one cheap handle (`Arc<Gateway>`) shared by all tasks.
 pub struct Gateway {
     pub cfg: Config,
@@ -209,5 +243,15 @@ impl Running {
 impl Drop for Running {
     fn drop(&mut self) {
         self.gateway.shutdown.trigger();
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    #[test]
+    fn the_open_files_soft_limit_is_raised_to_the_hard_limit() {
+        let (_, hard) = rlimit::Resource::NOFILE.get().unwrap();
+        assert_eq!(super::raise_open_files_limit(1), Some(hard));
+        assert_eq!(rlimit::Resource::NOFILE.get().unwrap(), (hard, hard));
     }
 }

@@ -15,6 +15,47 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::net::TcpListener;
 
+/// hyper's own cap on the request header count. Up to it, a head with more than
+/// [`crate::proxy::MAX_HEADERS`] gets our JSON 431; past it hyper answers a bare 431 and closes.
+/// hyper sets aside 64 bytes of parser scratch per allowed header for every request head it
+/// parses: at 1,000 that is 64 KB, still cheap to allocate; at 10,000 (640 KB) every parse went
+/// through `mmap` and cost ~12 µs, which would tax every request to answer a few odd ones nicely.
+pub const HYPER_MAX_HEADERS: usize = 1000;
+
+/// Raises the open-files soft limit to the hard limit (each client connection is a file) and
+/// warns once if `max_connections`, plus room for the gateway's own files, is above it.
+/// Returns the limit in force.
+pub fn raise_open_files_limit(max_connections: usize) -> Option<u64> {
+    #[cfg(unix)]
+    {
+        /// Listeners, upstream connections, the guard file, logs.
+        const OWN_FILES: u64 = 64;
+        match rlimit::increase_nofile_limit(u64::MAX) {
+            Ok(limit) => {
+                if (max_connections as u64).saturating_add(OWN_FILES) > limit {
+                    tracing::warn!(
+                        max_connections,
+                        open_files_limit = limit,
+                        "server.max_connections is above the open-files limit: connections past \
+                         it fail to open; raise the hard limit (ulimit -Hn, LimitNOFILE) or lower \
+                         max_connections"
+                    );
+                }
+                Some(limit)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read or raise the open-files limit");
+                None
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = max_connections;
+        None
+    }
+}
+
 /// Everything the request path needs; one cheap handle (`Arc<Gateway>`) shared by all tasks.
 pub struct Gateway {
     pub cfg: Config,
@@ -146,9 +187,11 @@ impl Running {
         let opts = ServeOptions {
             max_connections: s.max_connections,
             header_read_timeout: s.header_read_timeout.0,
-            // hyper's hard cap sits above ours so that our 431 (with its JSON body) answers first.
+            // hyper's caps sit above ours so that our 431 (with its JSON body) answers first: any
+            // head within hyper's read buffer with up to HYPER_MAX_HEADERS headers reaches it.
             max_head_bytes: s.max_header_bytes.as_usize() * 2 + 8192,
-            max_headers: crate::proxy::MAX_HEADERS + 28,
+            max_headers: HYPER_MAX_HEADERS,
+            write_timeout: s.write_timeout.0,
             tls: None,
         };
         let client_opts = ServeOptions {
@@ -204,5 +247,15 @@ impl Running {
 impl Drop for Running {
     fn drop(&mut self) {
         self.gateway.shutdown.trigger();
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    #[test]
+    fn the_open_files_soft_limit_is_raised_to_the_hard_limit() {
+        let (_, hard) = rlimit::Resource::NOFILE.get().unwrap();
+        assert_eq!(super::raise_open_files_limit(1), Some(hard));
+        assert_eq!(rlimit::Resource::NOFILE.get().unwrap(), (hard, hard));
     }
 }

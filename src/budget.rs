@@ -2,97 +2,318 @@
 //! shared by every upstream call, token calls included.
 //!
 //! [`Budget`] is the seam for a shared (Redis-backed) budget across replicas; [`LocalBudget`] is
-//! the in-process default.
+//! the in-process default. Waiters are served fairly (SPEC §5): round robin by client, FIFO
+//! within one client, so one client's flood of cold keys cannot starve the others.
 
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
-/// Held for the duration of one upstream attempt.
+/// Held for the duration of one upstream attempt; dropping it gives the concurrency slot back.
+/// Opaque: each budget puts in it whatever it must release.
 pub struct BudgetPermit {
-    _slot: OwnedSemaphorePermit,
+    _held: Box<dyn Send + Sync>,
+}
+
+impl BudgetPermit {
+    pub fn new(held: impl Send + Sync + 'static) -> Self {
+        Self {
+            _held: Box::new(held),
+        }
+    }
 }
 
 pub type BudgetFuture<'a> = Pin<Box<dyn Future<Output = Option<BudgetPermit>> + Send + 'a>>;
 
 pub trait Budget: Send + Sync + 'static {
-    /// A slot and a rate token, or `None` if they cannot be had by `deadline`.
-    fn acquire(&self, deadline: Instant) -> BudgetFuture<'_>;
-    /// Tokens left in the bucket now (may be negative while callers wait for reserved tokens).
+    /// A slot and a rate token for `client` (a principal id; "" for anonymous clients and the
+    /// gateway's own work), or `None` if they cannot be had by `deadline`.
+    fn acquire<'a>(&'a self, client: &'a str, deadline: Instant) -> BudgetFuture<'a>;
+    /// Tokens left in the bucket now.
     fn available(&self) -> f64;
 }
 
-struct Bucket {
+/// One waiter. Granting happens under the state lock: the slot and the token are taken for the
+/// waiter, `granted` set, and the waiter woken to collect them.
+struct Ticket {
+    id: u64,
+    granted: AtomicBool,
+    wake: Notify,
+}
+
+struct State {
     tokens: f64,
     last: Instant,
+    free_slots: usize,
+    /// Waiters per client, oldest first. Only clients with waiters have an entry.
+    queues: HashMap<Box<str>, VecDeque<Arc<Ticket>>>,
+    /// The clients of `queues`, the next one to serve first.
+    turns: VecDeque<Box<str>>,
+    /// The waiter last told it is next in line: it alone sleeps until the next token (the
+    /// others sleep until they are granted or their deadline), so a refill wakes one task.
+    timekeeper: Option<u64>,
+    next_id: u64,
+}
+
+struct Shared {
+    rate: f64,
+    burst: f64,
+    state: Mutex<State>,
 }
 
 pub struct LocalBudget {
-    rate: f64,
-    burst: f64,
-    bucket: Mutex<Bucket>,
-    slots: Arc<Semaphore>,
+    shared: Arc<Shared>,
+}
+
+/// How long `tokens` more take to accrue at `rate`; `None` if longer than any deadline.
+fn time_for(tokens: f64, rate: f64) -> Option<Duration> {
+    if tokens <= 0.0 {
+        return Some(Duration::ZERO);
+    }
+    // At least a nanosecond: a rounding residue (0.99999999 tokens) must still move the clock,
+    // or the waiter next in line would wake at "now" forever.
+    Duration::try_from_secs_f64(tokens / rate)
+        .ok()
+        .map(|d| d.max(Duration::from_nanos(1)))
+}
+
+impl State {
+    fn refill(&mut self, now: Instant, rate: f64, burst: f64) {
+        let earned = now.saturating_duration_since(self.last).as_secs_f64() * rate;
+        self.tokens = (self.tokens + earned).min(burst);
+        self.last = now;
+    }
+
+    fn head(&self) -> Option<&Arc<Ticket>> {
+        let client = self.turns.front()?;
+        self.queues.get(client)?.front()
+    }
+
+    /// The oldest waiter of the client whose turn it is; that client goes to the back.
+    fn pop_next(&mut self) -> Option<Arc<Ticket>> {
+        let client = self.turns.pop_front()?;
+        let queue = self.queues.get_mut(&client)?;
+        let ticket = queue.pop_front();
+        if queue.is_empty() {
+            self.queues.remove(&client);
+        } else {
+            self.turns.push_back(client);
+        }
+        ticket
+    }
+
+    /// Grants what the bucket and the slots allow, in turn order, then makes sure the waiter
+    /// next in line knows it keeps the clock.
+    fn dispatch(&mut self) {
+        while self.free_slots > 0 && self.tokens >= 1.0 {
+            let Some(ticket) = self.pop_next() else { break };
+            self.free_slots -= 1;
+            self.tokens -= 1.0;
+            ticket.granted.store(true, Ordering::Relaxed);
+            ticket.wake.notify_one();
+        }
+        let head = self.head().map(|t| t.id);
+        if head != self.timekeeper {
+            self.timekeeper = head;
+            if let Some(t) = self.head() {
+                t.wake.notify_one();
+            }
+        }
+    }
+
+    fn enqueue(&mut self, client: &str) -> Arc<Ticket> {
+        self.next_id += 1;
+        let ticket = Arc::new(Ticket {
+            id: self.next_id,
+            granted: AtomicBool::new(false),
+            wake: Notify::new(),
+        });
+        match self.queues.get_mut(client) {
+            Some(q) => q.push_back(ticket.clone()),
+            None => {
+                self.queues
+                    .insert(client.into(), VecDeque::from([ticket.clone()]));
+                self.turns.push_back(client.into());
+            }
+        }
+        ticket
+    }
+
+    fn remove(&mut self, client: &str, id: u64) {
+        let Some(queue) = self.queues.get_mut(client) else {
+            return;
+        };
+        queue.retain(|t| t.id != id);
+        if queue.is_empty() {
+            self.queues.remove(client);
+            self.turns.retain(|c| &**c != client);
+        }
+    }
+
+    /// The fewest grants that must come before a new waiter of `client` if every waiter now
+    /// queued stays: the client's own waiters, then one per round from every other client for
+    /// as many rounds (one more round from those whose turn comes first).
+    fn grants_ahead(&self, client: &str) -> usize {
+        let own = self.queues.get(client).map_or(0, VecDeque::len);
+        let mut ahead = own;
+        let mut before_own = true;
+        for c in &self.turns {
+            if &**c == client {
+                before_own = false;
+                continue;
+            }
+            let rounds = if before_own { own + 1 } else { own };
+            ahead += self.queues.get(c).map_or(0, VecDeque::len).min(rounds);
+        }
+        ahead
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Locks the state with the bucket refilled to `now` and due grants made.
+    fn lock_dispatched(&self, now: Instant) -> MutexGuard<'_, State> {
+        let mut s = self.lock();
+        s.refill(now, self.rate, self.burst);
+        s.dispatch();
+        s
+    }
+
+    fn release_slot(&self) {
+        let mut s = self.lock();
+        s.free_slots += 1;
+        s.refill(Instant::now(), self.rate, self.burst);
+        s.dispatch();
+    }
+}
+
+/// A granted slot; dropping it frees the slot for the next waiter.
+struct Slot(Arc<Shared>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.release_slot();
+    }
+}
+
+/// A queued waiter. Dropped without having collected its grant (deadline, or the request
+/// cancelled), it leaves the queue, or gives back what was granted to it.
+struct Waiting<'a> {
+    shared: &'a Arc<Shared>,
+    client: &'a str,
+    ticket: Arc<Ticket>,
+    collected: bool,
+}
+
+impl Waiting<'_> {
+    async fn granted(mut self, deadline: Instant) -> Option<BudgetPermit> {
+        loop {
+            let now = Instant::now();
+            let wake_at = {
+                let s = self.shared.lock_dispatched(now);
+                if self.ticket.granted.load(Ordering::Relaxed) {
+                    self.collected = true;
+                    return Some(BudgetPermit::new(Slot(self.shared.clone())));
+                }
+                if now >= deadline {
+                    return None;
+                }
+                // Next in line: wake when the next token is due (a freed slot notifies).
+                (s.timekeeper == Some(self.ticket.id) && s.tokens < 1.0)
+                    .then(|| time_for(1.0 - s.tokens, self.shared.rate))
+                    .flatten()
+                    .and_then(|d| now.checked_add(d))
+            };
+            let until = wake_at.map_or(deadline, |w| w.min(deadline));
+            tokio::select! {
+                _ = self.ticket.wake.notified() => {}
+                _ = tokio::time::sleep_until(until) => {}
+            }
+        }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if self.collected {
+            return;
+        }
+        let mut s = self.shared.lock();
+        if self.ticket.granted.load(Ordering::Relaxed) {
+            s.free_slots += 1;
+            s.tokens = (s.tokens + 1.0).min(self.shared.burst);
+        } else {
+            s.remove(self.client, self.ticket.id);
+        }
+        s.refill(Instant::now(), self.shared.rate, self.shared.burst);
+        s.dispatch();
+    }
 }
 
 impl LocalBudget {
     pub fn new(rate_per_second: f64, burst: u32, max_concurrent: usize) -> Self {
         Self {
-            rate: rate_per_second,
-            burst: f64::from(burst),
-            bucket: Mutex::new(Bucket {
-                tokens: f64::from(burst),
-                last: Instant::now(),
+            shared: Arc::new(Shared {
+                rate: rate_per_second,
+                burst: f64::from(burst),
+                state: Mutex::new(State {
+                    tokens: f64::from(burst),
+                    last: Instant::now(),
+                    free_slots: max_concurrent,
+                    queues: HashMap::new(),
+                    turns: VecDeque::new(),
+                    timekeeper: None,
+                    next_id: 0,
+                }),
             }),
-            slots: Arc::new(Semaphore::new(max_concurrent)),
         }
-    }
-
-    fn refill(&self, b: &mut Bucket, now: Instant) {
-        b.tokens = (b.tokens + now.saturating_duration_since(b.last).as_secs_f64() * self.rate)
-            .min(self.burst);
-        b.last = now;
-    }
-
-    /// Reserves one token: returns when it may be used, or `None` (nothing reserved) if that is
-    /// after `deadline`. Reservations queue in order, so waiters never stampede the bucket.
-    fn reserve(&self, deadline: Instant) -> Option<Instant> {
-        let mut b = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        self.refill(&mut b, now);
-        let wait = if b.tokens >= 1.0 {
-            Duration::ZERO
-        } else {
-            Duration::from_secs_f64((1.0 - b.tokens) / self.rate)
-        };
-        let at = now + wait;
-        if at > deadline {
-            return None;
-        }
-        b.tokens -= 1.0;
-        Some(at)
     }
 }
 
 impl Budget for LocalBudget {
-    fn acquire(&self, deadline: Instant) -> BudgetFuture<'_> {
+    fn acquire<'a>(&'a self, client: &'a str, deadline: Instant) -> BudgetFuture<'a> {
         Box::pin(async move {
-            let slot = tokio::time::timeout_at(deadline, self.slots.clone().acquire_owned())
-                .await
-                .ok()?
-                .ok()?;
-            let at = self.reserve(deadline)?;
-            tokio::time::sleep_until(at).await;
-            Some(BudgetPermit { _slot: slot })
+            let now = Instant::now();
+            let ticket = {
+                let mut s = self.shared.lock_dispatched(now);
+                if s.turns.is_empty() && s.free_slots > 0 && s.tokens >= 1.0 {
+                    s.free_slots -= 1;
+                    s.tokens -= 1.0;
+                    return Some(BudgetPermit::new(Slot(self.shared.clone())));
+                }
+                // Refuse at once what cannot be had in time even if nobody else arrives.
+                let needed = (s.grants_ahead(client) + 1) as f64 - s.tokens;
+                match time_for(needed, self.shared.rate).and_then(|w| now.checked_add(w)) {
+                    Some(at) if at <= deadline => {}
+                    _ => return None,
+                }
+                let ticket = s.enqueue(client);
+                s.dispatch();
+                ticket
+            };
+            Waiting {
+                shared: &self.shared,
+                client,
+                ticket,
+                collected: false,
+            }
+            .granted(deadline)
+            .await
         })
     }
 
     fn available(&self) -> f64 {
-        let mut b = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
-        self.refill(&mut b, Instant::now());
-        b.tokens
+        let mut s = self.shared.lock();
+        s.refill(Instant::now(), self.shared.rate, self.shared.burst);
+        s.tokens
     }
 }
 
@@ -108,7 +329,7 @@ mod tests {
         let mut granted = 0;
         let mut permits = Vec::new();
         for _ in 0..200 {
-            match b.acquire(deadline).await {
+            match b.acquire("", deadline).await {
                 Some(p) => {
                     granted += 1;
                     permits.push(p);
@@ -128,14 +349,151 @@ mod tests {
     async fn slots_bound_concurrency() {
         let b = LocalBudget::new(1000.0, 1000, 2);
         let deadline = Instant::now() + Duration::from_millis(100);
-        let p1 = b.acquire(deadline).await;
-        let p2 = b.acquire(deadline).await;
+        let p1 = b.acquire("", deadline).await;
+        let p2 = b.acquire("", deadline).await;
         assert!(p1.is_some() && p2.is_some());
-        assert!(b.acquire(deadline).await.is_none());
+        assert!(b.acquire("", deadline).await.is_none());
         drop(p1);
         assert!(b
-            .acquire(Instant::now() + Duration::from_millis(100))
+            .acquire("", Instant::now() + Duration::from_millis(100))
             .await
             .is_some());
+    }
+
+    /// Spawns one waiter that holds its permit until the end of the test and reports when it
+    /// was granted.
+    fn waiter(
+        b: &Arc<LocalBudget>,
+        client: &'static str,
+        deadline: Instant,
+        held: &Arc<Mutex<Vec<BudgetPermit>>>,
+    ) -> tokio::task::JoinHandle<Option<Instant>> {
+        let (b, held) = (b.clone(), held.clone());
+        tokio::spawn(async move {
+            let p = b.acquire(client, deadline).await?;
+            held.lock().unwrap().push(p);
+            Some(Instant::now())
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flood_from_one_client_does_not_starve_another() {
+        // 10 tokens per second, burst 1: one grant every 100 ms.
+        let b = Arc::new(LocalBudget::new(10.0, 1, 1000));
+        let held = Arc::new(Mutex::new(Vec::new()));
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs(30);
+        let billing: Vec<_> = (0..100)
+            .map(|_| waiter(&b, "billing", deadline, &held))
+            .collect();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let asked = Instant::now();
+        let ops = waiter(&b, "ops", deadline, &held).await.unwrap().unwrap();
+        // Served at the next grant but one (the token already due to the client whose turn it
+        // is), not after billing's 97 waiters still queued.
+        let waited = ops - asked;
+        assert!(
+            waited <= Duration::from_millis(200),
+            "ops waited {waited:?}"
+        );
+        let mut times = Vec::new();
+        for t in billing {
+            times.push(t.await.unwrap().unwrap());
+        }
+        // FIFO within billing, and the rate holds overall: 101 grants, one per 100 ms.
+        assert!(times.windows(2).all(|w| w[0] <= w[1]));
+        // (A grant can land a timer tick late, never early.)
+        let took = *times.last().unwrap() - start;
+        assert!(
+            took >= Duration::from_secs(10) && took <= Duration::from_millis(10_010),
+            "{took:?}"
+        );
+        assert_eq!(held.lock().unwrap().len(), 101);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn clients_alternate_fifo_within_each() {
+        let b = Arc::new(LocalBudget::new(10.0, 1, 1000));
+        let held = Arc::new(Mutex::new(Vec::new()));
+        let far = Instant::now() + Duration::from_secs(30);
+        // Take the one token so that everyone below queues.
+        let first = b.acquire("", far).await.unwrap();
+        held.lock().unwrap().push(first);
+        let a: Vec<_> = (0..3).map(|_| waiter(&b, "a", far, &held)).collect();
+        let c: Vec<_> = (0..3).map(|_| waiter(&b, "c", far, &held)).collect();
+        let mut order = Vec::new();
+        for (name, handles) in [("a", a), ("c", c)] {
+            let mut times = Vec::new();
+            for h in handles {
+                times.push(h.await.unwrap().unwrap());
+            }
+            assert!(times.windows(2).all(|w| w[0] < w[1]), "FIFO within {name}");
+            order.extend(times.into_iter().map(|t| (t, name)));
+        }
+        order.sort();
+        let names: Vec<_> = order.iter().map(|(_, n)| *n).collect();
+        assert_eq!(names, ["a", "c", "a", "c", "a", "c"]);
+        assert_eq!(b.shared.lock().queues.len(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_that_gives_up_leaves_the_queue() {
+        let b = Arc::new(LocalBudget::new(1000.0, 1000, 1));
+        let held = Arc::new(Mutex::new(Vec::new()));
+        let slot = b
+            .acquire("a", Instant::now() + Duration::from_secs(1))
+            .await;
+        assert!(slot.is_some());
+        let quitter = waiter(&b, "b", Instant::now() + Duration::from_millis(50), &held);
+        let patient = waiter(&b, "c", Instant::now() + Duration::from_secs(30), &held);
+        assert_eq!(quitter.await.unwrap(), None, "no slot by its deadline");
+        assert_eq!(
+            b.shared.lock().turns.len(),
+            1,
+            "only the patient one is left"
+        );
+        let freed = Instant::now();
+        drop(slot);
+        assert_eq!(
+            patient.await.unwrap(),
+            Some(freed),
+            "served when the slot came back"
+        );
+        assert_eq!(b.shared.lock().queues.len(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_that_cannot_be_served_in_time_is_refused_at_once() {
+        let b = Arc::new(LocalBudget::new(10.0, 1, 1000));
+        let held = Arc::new(Mutex::new(Vec::new()));
+        let far = Instant::now() + Duration::from_secs(30);
+        let first = b.acquire("x", far).await.unwrap();
+        held.lock().unwrap().push(first);
+        let queued: Vec<_> = (0..20).map(|_| waiter(&b, "x", far, &held)).collect();
+        tokio::task::yield_now().await;
+        let before = Instant::now();
+        // 20 ahead of it at 10 per second: not within one second.
+        let late = b.acquire("x", before + Duration::from_secs(1)).await;
+        assert!(late.is_none());
+        assert_eq!(Instant::now(), before, "refused without waiting");
+        // Another client is only behind one round.
+        assert!(b
+            .acquire("y", before + Duration::from_secs(1))
+            .await
+            .is_some());
+        drop(queued);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_waiter_leaves_the_queue() {
+        let b = Arc::new(LocalBudget::new(10.0, 1, 1000));
+        let far = Instant::now() + Duration::from_secs(30);
+        let first = b.acquire("a", far).await;
+        assert!(first.is_some());
+        let cancelled = tokio::time::timeout(Duration::from_millis(10), b.acquire("a", far)).await;
+        assert!(cancelled.is_err());
+        assert_eq!(b.shared.lock().queues.len(), 0);
+        assert_eq!(b.shared.lock().turns.len(), 0);
+        assert!(b.acquire("b", far).await.is_some());
     }
 }

@@ -215,6 +215,7 @@ async fn stop_signal() {
 async fn serve(cfg: Config) -> anyhow::Result<()> {
     thingspace_gateway::tls::install_crypto_provider();
     let grace = cfg.server.shutdown_grace.0;
+    thingspace_gateway::app::raise_open_files_limit(cfg.server.max_connections);
     let running = Running::start(cfg).await?;
     tracing::info!(listen = %running.addr, admin = %running.admin_addr, "thingspace-gateway serving");
     stop_signal().await;
@@ -238,6 +239,7 @@ async fn demo() -> anyhow::Result<()> {
     let env: Vec<(String, String)> = std::env::vars().collect();
     let cfg = config::from_toml_with_env(DEMO_CONFIG, &env)
         .map_err(|e| anyhow::anyhow!("demo config: {e}"))?;
+    thingspace_gateway::app::raise_open_files_limit(cfg.server.max_connections);
     let running = Running::start(cfg).await?;
     let accounts = sim.account_names();
     let first = accounts.first().cloned().unwrap_or_default();

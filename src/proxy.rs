@@ -45,6 +45,8 @@ pub struct Ctx {
     pub if_none_match: Option<HeaderValue>,
     /// Upstream attempts this request's own fetches made (for the access log).
     pub attempts: AtomicU32,
+    /// Who asked (anonymous until authenticated): waits for upstream budget take turns by client.
+    pub who: Principal,
 }
 
 impl Gateway {
@@ -121,7 +123,7 @@ impl Gateway {
         self: &Arc<Self>,
         req: Request<B>,
         route: Route,
-        ctx: &Ctx,
+        ctx: &mut Ctx,
     ) -> Result<(Response<Body>, Option<CacheResult>), GatewayError> {
         check_header_limits(req.headers(), self.cfg.server.max_header_bytes.as_usize())?;
         let authorization = req
@@ -138,6 +140,8 @@ impl Gateway {
         }
         let who: Principal = self.clients.authenticate(authorization.as_deref())?;
         self.clients.authorize(&who, route.account())?;
+        ctx.who = who;
+        let ctx = &*ctx;
         if req.method() != Method::POST {
             let b = req.body();
             if !b.is_end_stream() && b.size_hint().upper() != Some(0) {
@@ -212,7 +216,7 @@ impl ClientApi {
     pub async fn serve<B: ClientBody>(&self, req: Request<B>) -> Response<Body> {
         let g = &self.0;
         let started = Instant::now();
-        let ctx = Ctx {
+        let mut ctx = Ctx {
             request_id: request_id(req.headers()),
             started,
             deadline: started + g.cfg.server.request_timeout.0,
@@ -220,6 +224,7 @@ impl ClientApi {
             accept_gzip: accepts_gzip(req.headers()),
             if_none_match: req.headers().get(header::IF_NONE_MATCH).cloned(),
             attempts: AtomicU32::new(0),
+            who: Principal::Anonymous,
         };
         let method = req.method().clone();
         let routed = route(req.method(), req.uri().path());
@@ -238,7 +243,7 @@ impl ClientApi {
             Err(RouteError::InvalidParameter(m)) => Err(GatewayError::InvalidParameter(m)),
             Ok(_) if in_flight >= g.cfg.server.max_inflight => Err(GatewayError::Overloaded),
             Ok(route) => {
-                match tokio::time::timeout_at(ctx.deadline, g.inner(req, route, &ctx)).await {
+                match tokio::time::timeout_at(ctx.deadline, g.inner(req, route, &mut ctx)).await {
                     Ok(r) => r,
                     Err(_) => Err(GatewayError::UpstreamTimeout),
                 }

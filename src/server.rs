@@ -3,6 +3,7 @@
 //! Connections are bounded by a semaphore taken *before* `accept`, so excess clients wait in the
 //! kernel backlog instead of costing memory here. Each connection runs in its own task (never
 //! awaited in the loop), and shutdown drains them through hyper-util's `GracefulShutdown`.
+//! A connection whose peer reads nothing of its answer for `write_timeout` is closed.
 
 use crate::respond::Body;
 use http::{Request, Response};
@@ -10,10 +11,15 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
+use tokio::time::{Instant, Sleep};
 
 /// hyper's own default buffer limit (8 KiB + 4 KiB x 100).
 const HYPER_DEFAULT_MAX_BUF: usize = 8192 + 4096 * 100;
@@ -26,6 +32,8 @@ pub struct ServeOptions {
     /// hyper's own hard cap on the request head; the gateway's finer 431 check runs below it.
     pub max_head_bytes: usize,
     pub max_headers: usize,
+    /// A write that makes no progress this long (the client reads nothing) closes the connection.
+    pub write_timeout: Duration,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
@@ -36,6 +44,7 @@ impl Default for ServeOptions {
             header_read_timeout: Duration::from_secs(5),
             max_head_bytes: 64 * 1024,
             max_headers: 128,
+            write_timeout: Duration::from_secs(30),
             tls: None,
         }
     }
@@ -107,6 +116,7 @@ pub async fn serve<H: Handler>(
             _ = shutdown.wait() => break,
         };
         let _ = stream.set_nodelay(true);
+        let stream = WriteTimeout::new(stream, opts.write_timeout);
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
             .timer(TokioTimer::new())
@@ -152,5 +162,130 @@ pub async fn serve<H: Handler>(
         _ = tokio::time::sleep(grace) => {
             tracing::warn!(grace = ?grace, "shutdown grace elapsed with connections still open");
         }
+    }
+}
+
+/// A connection's IO whose writes fail once they have made no progress for `timeout`: the
+/// peer's receive window stayed shut (it reads nothing), so hyper gets an error, stops, and the
+/// connection closes. Progress of any size rearms it: a slow reader is not cut off, a stopped
+/// one is. Below TLS, so a stalled handshake or TLS write counts as well.
+pub struct WriteTimeout<S> {
+    io: S,
+    timeout: Duration,
+    /// Set when a write first stalls, cleared by the next one that completes. Made on the first
+    /// stall only, so connections that never stall carry no timer.
+    stalled: Option<Pin<Box<Sleep>>>,
+    armed: bool,
+}
+
+impl<S> WriteTimeout<S> {
+    pub fn new(io: S, timeout: Duration) -> Self {
+        Self {
+            io,
+            timeout,
+            stalled: None,
+            armed: false,
+        }
+    }
+
+    fn progress<T>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if r.is_ready() {
+            self.armed = false;
+            return r;
+        }
+        if !self.armed {
+            // A timeout too long to represent never fires.
+            let Some(at) = Instant::now().checked_add(self.timeout) else {
+                return Poll::Pending;
+            };
+            match &mut self.stalled {
+                Some(sleep) => sleep.as_mut().reset(at),
+                None => self.stalled = Some(Box::pin(tokio::time::sleep_until(at))),
+            }
+            self.armed = true;
+        }
+        match self.stalled.as_mut().map(|s| s.as_mut().poll(cx)) {
+            Some(Poll::Ready(())) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client read nothing of its answer within server.write_timeout",
+            ))),
+            _ => Poll::Pending,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for WriteTimeout<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.progress(cx, r)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.progress(cx, r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.io).poll_flush(cx);
+        self.progress(cx, r)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.io).poll_shutdown(cx);
+        self.progress(cx, r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stopped_reader_fails_the_write_a_slow_one_does_not() {
+        let (near, mut far) = tokio::io::duplex(1024);
+        let mut w = WriteTimeout::new(near, Duration::from_secs(1));
+        let chunk = vec![b'x'; 4096];
+        // A slow reader: 512 bytes every 900 ms keeps the writer going.
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            for _ in 0..24 {
+                tokio::time::sleep(Duration::from_millis(900)).await;
+                far.read_exact(&mut buf).await.unwrap();
+            }
+            far
+        });
+        for _ in 0..3 {
+            w.write_all(&chunk[..]).await.unwrap();
+        }
+        let far = reader.await.unwrap();
+        // It stops reading: the next write that stalls fails after 1 s.
+        let started = Instant::now();
+        let err = w.write_all(&chunk[..]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), Duration::from_secs(1));
+        drop(far);
     }
 }

@@ -1,4 +1,4 @@
-//! Every upstream call goes through [`Upstream::call`]: 429 cooldown → circuit → budget →
+//! Every upstream call goes through [`Upstream::call_for`]: 429 cooldown → circuit → budget →
 //! one attempt (timed, metered) → classification → retry with full-jitter backoff.
 
 use crate::budget::Budget;
@@ -121,10 +121,24 @@ impl Upstream {
         );
     }
 
-    /// One logical call (`attempts` counts the attempts it made): GETs are retried on connect errors, dropped connections, timeouts and
-    /// 502/503/504; POSTs only on connect errors (the request never reached the upstream).
+    /// A call for the gateway's own work (token calls): it waits for budget as client "".
     pub async fn call(
         &self,
+        endpoint: Endpoint,
+        req: OutRequest,
+        deadline: Instant,
+        attempts: &AtomicU32,
+    ) -> Result<RawResponse, GatewayError> {
+        self.call_for("", endpoint, req, deadline, attempts).await
+    }
+
+    /// One logical call on behalf of `client` (a principal id, "" for anonymous clients; its
+    /// budget waits take turns with other clients'); `attempts` counts the attempts it made.
+    /// GETs are retried on connect errors, dropped connections, timeouts and 502/503/504; POSTs
+    /// only on connect errors (the request never reached the upstream).
+    pub async fn call_for(
+        &self,
+        client: &str,
         endpoint: Endpoint,
         req: OutRequest,
         deadline: Instant,
@@ -149,7 +163,7 @@ impl Upstream {
                         message: "upstream circuit is open after repeated failures; retry later",
                     })?;
             let budget_deadline = deadline.min(Instant::now() + self.settings.max_queue_wait);
-            let Some(_permit) = self.budget.acquire(budget_deadline).await else {
+            let Some(_permit) = self.budget.acquire(client, budget_deadline).await else {
                 // Not an attempt: give the probe back without an outcome.
                 self.record_circuit(admission, Outcome::Neutral);
                 return Err(GatewayError::UpstreamUnavailable {

@@ -4,12 +4,13 @@
 mod common;
 
 use common::*;
-use http::StatusCode;
+use http::{Method, StatusCode};
 use std::sync::Arc;
 use std::time::Duration;
 use thingspace_sim::control::FaultRequest;
 use thingspace_sim::SimOptions;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
 
 #[tokio::test]
 async fn over_max_inflight_is_shed_at_once() {
@@ -144,4 +145,182 @@ async fn slow_and_idle_clients_are_cut_off() {
     let mut rest = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut rest)).await;
     assert!(read.is_ok(), "idle keep-alive connection closed");
+}
+
+fn basic(id: &str, secret: &str) -> String {
+    use base64::Engine;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"))
+    )
+}
+
+/// Two clients of the gateway, both free to read any account fast.
+fn two_clients() -> String {
+    format!(
+        r#"
+[clients]
+mode = "required"
+token_signing_key = "k7Qm2vXr9LpT4wZb8NcY3sHd6FjA1uEo5GiK0tRy"
+[[clients.client]]
+id = "billing"
+secret_sha256 = "{}"
+accounts = ["*"]
+rate_per_second = 1000.0
+burst = 1000
+[[clients.client]]
+id = "ops"
+secret_sha256 = "{}"
+accounts = ["*"]
+rate_per_second = 1000.0
+burst = 1000
+"#,
+        thingspace_gateway::clients::sha256_hex("billing-secret-0123"),
+        thingspace_gateway::clients::sha256_hex("ops-secret-0123456"),
+    )
+}
+
+/// SPEC §5: waiters for upstream budget take turns by client. Default budget: 10 per second,
+/// burst 20, `max_queue_wait` 5 s.
+#[tokio::test(start_paused = true)]
+async fn one_clients_flood_of_cold_keys_does_not_starve_another() {
+    let p = Arc::new(
+        InProc::new(
+            SimOptions {
+                accounts: 1,
+                devices: 5000,
+                ..sim_opts()
+            },
+            &two_clients(),
+        )
+        .await,
+    );
+    let account = p.sim.account_names()[0].clone();
+    let imeis = p.sim.imeis(&account);
+    let billing = basic("billing", "billing-secret-0123");
+    let ops = basic("ops", "ops-secret-0123456");
+    let warm = p
+        .request(
+            Method::GET,
+            &license_path(&account, 0),
+            &[("authorization", &ops)],
+            b"",
+        )
+        .await;
+    assert_eq!(warm.status, StatusCode::OK);
+    let started = Instant::now();
+    // billing asks for 100 cold pages at once.
+    let flood: Vec<_> = (0..100)
+        .map(|i| {
+            let (p, auth) = (p.clone(), billing.clone());
+            let path = license_path(&account, imeis[i]);
+            tokio::spawn(async move {
+                p.request(Method::GET, &path, &[("authorization", &auth)], b"")
+                    .await
+            })
+        })
+        .collect();
+    p.settle().await;
+    // Then ops asks for one.
+    let asked = Instant::now();
+    let r = p
+        .request(
+            Method::GET,
+            &license_path(&account, imeis[4000]),
+            &[("authorization", &ops)],
+            b"",
+        )
+        .await;
+    let waited = asked.elapsed();
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.header("x-cache"), "MISS");
+    // Two token intervals at most (the grant already due to billing, then ops's), not billing's
+    // queue (which made ops wait 4.77 s of its 5 s).
+    assert!(
+        waited <= Duration::from_millis(200),
+        "ops waited {waited:?}"
+    );
+    let (mut ok, mut shed) = (0, 0);
+    for t in flood {
+        let r = t.await.unwrap();
+        match r.status {
+            StatusCode::OK => ok += 1,
+            StatusCode::SERVICE_UNAVAILABLE => {
+                assert_eq!(r.error_code(), "GW_UPSTREAM_UNAVAILABLE");
+                shed += 1;
+            }
+            s => panic!("unexpected {s}"),
+        }
+    }
+    // billing keeps the rest of the budget: its burst, then 10 per second for up to 5 s.
+    assert!(ok >= 60, "billing served {ok}, shed {shed}");
+    let seconds = started.elapsed().as_secs_f64();
+    assert_eq!(p.sim.count("licenses"), ok + 2);
+    assert!(
+        (ok + 2 + 2) as f64 <= 20.0 + 10.0 * seconds,
+        "{ok} pages in {seconds}s: over the budget"
+    );
+    assert_eq!(p.sim.count("session_login"), 1, "one login, none rejected");
+    assert_eq!(p.sim.count_status("session_login", 200), 1);
+}
+
+/// SPEC §3 `write_timeout`: a client that reads nothing of its answer is cut off. With one
+/// connection allowed, the next client is answered only once the stalled one is closed.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_after_write_timeout() {
+    let sim = start_sim(SimOptions {
+        accounts: 1,
+        devices: 100_000,
+        page_size: 10_000,
+        ..sim_opts()
+    })
+    .await;
+    let gw = start_gateway(config(
+        &sim.base_url(),
+        "[server]\nwrite_timeout = \"200ms\"\nmax_connections = 1\n\
+         [upstream]\nrate_per_second = 1000.0\nburst = 1000\n",
+    ))
+    .await;
+    wait_ready(&gw).await;
+    let account = sim.account_names()[0].clone();
+    // A small receive window, so that the ~8 MB answer cannot all sit in kernel buffers.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(gw.addr).await.unwrap();
+    stalled
+        .write_all(
+            format!("GET /gateway/v1/accounts/{account}/licenses HTTP/1.1\r\nHost: x\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let next = tokio::time::timeout(
+        Duration::from_secs(30),
+        get(&format!("{}/nope", gw.base_url())),
+    )
+    .await
+    .expect("the next client is served once the stalled connection is cut off");
+    assert_eq!(next.status, StatusCode::NOT_FOUND);
+    assert_eq!(sim.count("licenses"), 10, "the whole account was read");
+    // The stalled connection is closed: draining it now ends before the whole answer.
+    let mut got = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(30), stalled.read_to_end(&mut got))
+        .await
+        .expect("the connection was closed");
+    let text = String::from_utf8_lossy(&got[..got.len().min(4096)]).to_lowercase();
+    assert!(text.starts_with("http/1.1 200"), "{text}");
+    let length: usize = text
+        .split("content-length: ")
+        .nth(1)
+        .and_then(|v| v.split("\r\n").next())
+        .and_then(|v| v.parse().ok())
+        .expect("content-length");
+    let head = text.find("\r\n\r\n").unwrap() + 4;
+    assert!(length > 8_000_000, "{length}");
+    assert!(
+        end.is_err() || got.len() < head + length,
+        "got {} of {} bytes",
+        got.len(),
+        head + length
+    );
 }

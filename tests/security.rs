@@ -728,3 +728,50 @@ async fn tls_listener() {
     .await;
     assert_ne!(got, 200);
 }
+
+/// SPEC §3/§4: more than 100 request headers (Host included) get the JSON 431, however many
+/// hyper can read (up to its own cap of 1,000); past that cap hyper answers a bare 431 or the
+/// connection is simply closed, never a 2xx.
+#[tokio::test]
+async fn every_header_count_over_100_gets_the_json_431() {
+    let sim = start_sim(sim_opts()).await;
+    let gw = start_gateway(config(&sim.base_url(), "")).await;
+    let path = license_path(&sim.account_names()[0], 0);
+    let with_headers = |count: usize| {
+        // Host and Connection, then small ones up to `count`.
+        let mut req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+        for i in 2..count {
+            req.push_str(&format!("X-H{i}: v\r\n"));
+        }
+        req.push_str("\r\n");
+        req
+    };
+    let (got, body) = raw(gw.addr, with_headers(100).as_bytes()).await;
+    assert_eq!(got, 200, "100 headers are allowed: {body}");
+    for count in [101, 153, 500, 1000] {
+        let (got, body) = raw(gw.addr, with_headers(count).as_bytes()).await;
+        assert_eq!(
+            (got, body.contains("\"errorCode\":\"GW_HEADERS_TOO_LARGE\"")),
+            (431, true),
+            "{count} headers: {body}"
+        );
+    }
+    // Past hyper's cap: its bare 431, or a reset while the client was still sending.
+    let req = with_headers(10_000);
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let _ = s.write_all(req.as_bytes()).await;
+    let mut out = Vec::new();
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("the connection is closed");
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.starts_with("HTTP/1.1 431") || (closed.is_err() && out.is_empty()),
+        "10,000 headers: {text}"
+    );
+    assert_eq!(
+        sim.count("licenses"),
+        1,
+        "only the allowed request reached the upstream"
+    );
+}

@@ -4,6 +4,7 @@
 use super::{CacheResult, Ctx};
 use crate::app::Gateway;
 use crate::cache::{Entry, Freshness, Join, Key, Kind};
+use crate::clients::Principal;
 use crate::error::GatewayError;
 use crate::metrics::Endpoint;
 use crate::transport::OutRequest;
@@ -50,10 +51,20 @@ impl Key {
     }
 }
 
-/// One upstream read with the gateway's tokens; one retry after a reactive token refresh.
+/// The name a read waits for upstream budget under: its client's id, "" when anonymous.
+fn budget_client(who: &Principal) -> &str {
+    match who {
+        Principal::Anonymous => "",
+        Principal::Client(c) => &c.id,
+    }
+}
+
+/// One upstream read with the gateway's tokens, for `who`; one retry after a reactive token
+/// refresh.
 pub async fn fetch_entry(
     g: Arc<Gateway>,
     key: Key,
+    who: Principal,
     request_id: HeaderValue,
     deadline: Instant,
     attempts: Arc<AtomicU32>,
@@ -72,7 +83,13 @@ pub async fn fetch_entry(
         let sent = Instant::now();
         let resp = g
             .upstream
-            .call(key.endpoint(), req, deadline, &attempts)
+            .call_for(
+                budget_client(&who),
+                key.endpoint(),
+                req,
+                deadline,
+                &attempts,
+            )
             .await?;
         let retry = attempt == 0;
         if resp.status == StatusCode::UNAUTHORIZED {
@@ -157,6 +174,7 @@ impl Gateway {
         let fetch = fetch_entry(
             self.clone(),
             key.clone(),
+            ctx.who.clone(),
             ctx.request_id.clone(),
             now + self.cfg.server.request_timeout.0,
             attempts.clone(),
@@ -196,9 +214,11 @@ impl Gateway {
         let g = self.clone();
         tokio::spawn(async move {
             let deadline = Instant::now() + g.cfg.server.request_timeout.0;
+            // The gateway's own work: no client waits for it.
             let fetch = fetch_entry(
                 g.clone(),
                 key.clone(),
+                Principal::Anonymous,
                 request_id,
                 deadline,
                 Default::default(),

@@ -183,6 +183,7 @@ mod tests {
             accept_gzip: gzip,
             if_none_match: None,
             attempts: AtomicU32::new(0),
+            who: crate::clients::Principal::Anonymous,
         }
     }
 

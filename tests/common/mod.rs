@@ -23,7 +23,20 @@ pub fn sim_opts() -> SimOptions {
     }
 }
 
+/// Raises this test process's open-files soft limit to its hard limit, once. The tests of one
+/// binary run in parallel and each opens sockets; a fresh machine's soft limit is often 1,024.
+/// Tests that need many connections at once still must not count on more than that: the hard
+/// limit may be 1,024 too.
+pub fn raise_open_files_limit() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        #[cfg(unix)]
+        let _ = rlimit::increase_nofile_limit(u64::MAX);
+    });
+}
+
 pub async fn start_sim(opts: SimOptions) -> Simulator {
+    raise_open_files_limit();
     Simulator::start(opts).await.expect("simulator starts")
 }
 
@@ -62,6 +75,7 @@ mode = "none"
 }
 
 pub async fn start_gateway(cfg: Config) -> Running {
+    raise_open_files_limit();
     Running::start(cfg).await.expect("gateway starts")
 }
 
@@ -201,6 +215,20 @@ impl InProc {
         let cfg = config(&sim.base_url(), extra);
         let transport = sim_transport(&sim, cfg.upstream.max_response_bytes.as_usize());
         let gw = Gateway::with_transport(cfg, transport).expect("gateway builds");
+        tokio::spawn(gw.tokens.clone().run(gw.shutdown.clone()));
+        InProc {
+            sim,
+            api: ClientApi(gw.clone()),
+            gw,
+        }
+    }
+
+    /// Like [`InProc::new`], but the gateway reaches the simulator over TCP with its real HTTP
+    /// transport. Only the client side is in-process: a thousand concurrent client requests then
+    /// cost no sockets (real time only: sockets and a paused clock do not mix).
+    pub async fn over_tcp(opts: SimOptions, extra: &str) -> InProc {
+        let sim = start_sim(opts).await;
+        let gw = Gateway::new(config(&sim.base_url(), extra)).expect("gateway");
         tokio::spawn(gw.tokens.clone().run(gw.shutdown.clone()));
         InProc {
             sim,

@@ -39,11 +39,12 @@ impl Gateway {
             cfg.upstream.connect_timeout.0,
             cfg.upstream.max_response_bytes.as_usize(),
         )?;
-        Ok(Self::with_transport(cfg, Arc::new(transport)))
+        Self::with_transport(cfg, Arc::new(transport))
     }
 
-    /// Builds the gateway over any transport (unit tests use an in-memory one).
-    pub fn with_transport(cfg: Config, transport: Arc<dyn Transport>) -> Arc<Self> {
+    /// Builds the gateway over any transport (unit tests use an in-memory one). Fails when the
+    /// guard file cannot be opened or another process holds it.
+    pub fn with_transport(cfg: Config, transport: Arc<dyn Transport>) -> anyhow::Result<Arc<Self>> {
         let metrics = Metrics::new();
         let u = &cfg.upstream;
         let upstream = Arc::new(Upstream::new(
@@ -62,6 +63,7 @@ impl Gateway {
             },
         ));
         let c = &cfg.credentials;
+        let guard_store = crate::tokens::open_guard_store(&c.guard_file)?;
         let tokens = Arc::new(TokenManager::new(
             upstream.clone(),
             UpstreamCredentials {
@@ -77,6 +79,7 @@ impl Gateway {
                 call_timeout: cfg.server.request_timeout.0,
             },
             metrics.clone(),
+            guard_store,
         ));
         let windows = Windows {
             stale_while_revalidate: cfg.cache.stale_while_revalidate.0,
@@ -89,7 +92,7 @@ impl Gateway {
             cfg.cache.ttl.0,
         ));
         let clients = Clients::new(&cfg.clients);
-        Arc::new(Gateway {
+        Ok(Arc::new(Gateway {
             cfg,
             metrics,
             upstream,
@@ -99,7 +102,7 @@ impl Gateway {
             inflight: AtomicUsize::new(0),
             started: std::time::Instant::now(),
             shutdown: Shutdown::new(),
-        })
+        }))
     }
 
     pub fn inflight(&self) -> usize {

@@ -199,7 +199,7 @@ impl InProc {
         let sim = start_sim(opts).await;
         let cfg = config(&sim.base_url(), extra);
         let transport = sim.transport(cfg.upstream.max_response_bytes.as_usize());
-        let gw = Gateway::with_transport(cfg, transport);
+        let gw = Gateway::with_transport(cfg, transport).expect("gateway builds");
         tokio::spawn(gw.tokens.clone().run(gw.shutdown.clone()));
         InProc {
             sim,

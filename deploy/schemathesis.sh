@@ -37,6 +37,7 @@ client_id = "demo-key"
 client_secret = "demo-secret"
 username = "demo-user"
 password = "demo-pass"
+guard_file = ""
 [clients]
 mode = "required"
 [[clients.client]]

@@ -15,13 +15,14 @@ use tokio::time::Instant;
 pub struct AdminApi(pub Arc<Gateway>);
 
 /// Every admin route's path template (as in `deploy/openapi.yaml`) and its methods.
-pub const ADMIN_ROUTES: [(&str, &[&str]); 6] = [
+pub const ADMIN_ROUTES: [(&str, &[&str]); 7] = [
     ("/metrics", &["GET", "HEAD"]),
     ("/healthz", &["GET", "HEAD"]),
     ("/readyz", &["GET", "HEAD"]),
     ("/status", &["GET", "HEAD"]),
     ("/cache", &["DELETE"]),
     ("/cache/accounts/{account}", &["DELETE"]),
+    ("/credentials/reset", &["POST"]),
 ];
 
 fn not_found() -> Response<Body> {
@@ -64,17 +65,28 @@ impl AdminApi {
         }
     }
 
+    /// A latch (SPEC §7): not ready until both tokens were held once, then ready until draining,
+    /// whatever the upstream does.
     fn not_ready_reasons(&self) -> Vec<String> {
         let g = &self.0;
-        let mut reasons = g.tokens.not_ready_reasons();
-        match g.upstream.circuit_state() {
-            CircuitState::Closed => {}
-            s => reasons.push(format!("upstream circuit is {}", s.label())),
-        }
         if g.shutdown.is_triggered() {
-            reasons.push("shutting down".into());
+            return vec!["shutting down".into()];
         }
-        reasons
+        g.tokens.readiness().err().unwrap_or_default()
+    }
+
+    /// `POST /credentials/reset`: lifts the login stop for the configured username (SPEC §7).
+    async fn reset_credentials(&self) -> Response<Body> {
+        match self.0.tokens.reset_login_guard().await {
+            Ok(()) => json_value(StatusCode::OK, &json!({"reset": true})),
+            Err(e) => {
+                tracing::error!(error = %e, "credentials reset could not be stored in the guard file");
+                json_value(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &json!({"reset": false, "error": "the guard file could not be written"}),
+                )
+            }
+        }
     }
 
     async fn refresh_gauges(&self) -> (u64, u64) {
@@ -155,6 +167,8 @@ impl Handler for AdminApi {
                 json_value(StatusCode::OK, &json!({"purged": n}))
             }
             "/cache" => method_not_allowed("DELETE"),
+            "/credentials/reset" if req.method() == Method::POST => self.reset_credentials().await,
+            "/credentials/reset" => method_not_allowed("POST"),
             p => match p.strip_prefix("/cache/accounts/") {
                 Some(account) if crate::route::valid_account(account) => {
                     if req.method() != Method::DELETE {

@@ -80,15 +80,13 @@ impl Gateway {
             cfg.upstream.connect_timeout.0,
             cfg.upstream.max_response_bytes.as_usize(),
         )?;
-        Ok(Self::with_transport(cfg, Arc::new(transport))?)
+        Self::with_transport(cfg, Arc::new(transport))
     }
 
-    /// Builds the gateway over any transport (unit tests use an in-memory one). Fails only when
-    /// no token key can be drawn from the system's random generator.
-    pub fn with_transport(
-        cfg: Config,
-        transport: Arc<dyn Transport>,
-    ) -> Result<Arc<Self>, crate::clients::ClientsError> {
+    /// Builds the gateway over any transport (unit tests use an in-memory one). Fails when no
+    /// token key can be drawn from the system's random generator, or when the guard file cannot
+    /// be opened or another process holds it.
+    pub fn with_transport(cfg: Config, transport: Arc<dyn Transport>) -> anyhow::Result<Arc<Self>> {
         let metrics = Metrics::new();
         let u = &cfg.upstream;
         let upstream = Arc::new(Upstream::new(
@@ -107,6 +105,7 @@ impl Gateway {
             },
         ));
         let c = &cfg.credentials;
+        let guard_store = crate::tokens::open_guard_store(&c.guard_file)?;
         let tokens = Arc::new(TokenManager::new(
             upstream.clone(),
             UpstreamCredentials {
@@ -122,6 +121,7 @@ impl Gateway {
                 call_timeout: cfg.server.request_timeout.0,
             },
             metrics.clone(),
+            guard_store,
         ));
         let windows = Windows {
             stale_while_revalidate: cfg.cache.stale_while_revalidate.0,

@@ -303,7 +303,7 @@ impl Serialize for ByteSize {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         const UNITS: [(&str, u64); 3] = [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
         for (unit, n) in UNITS {
-            if self.0 >= n && self.0 % n == 0 {
+            if self.0 >= n && self.0.is_multiple_of(n) {
                 return s.serialize_str(&format!("{}{unit}", self.0 / n));
             }
         }
@@ -568,9 +568,18 @@ impl Config {
             return Err(err("upstream.max_walk_pages: must be at least 1"));
         }
         let c = &self.credentials;
-        if c.max_failed_logins == 0 || c.max_failed_logins >= 5 {
+        if !(1..=2).contains(&c.max_failed_logins) {
             return Err(err(
-                "credentials.max_failed_logins: must be 1 to 4 (ThingSpace locks the account at 5)",
+                "credentials.max_failed_logins: must be 1 or 2 (ThingSpace locks the user at 5 \
+                 failed logins in a row; the gateway stops at 4 attempts)",
+            ));
+        }
+        // The login counts must outlive the process (SPEC §5); only a loopback upstream (a
+        // simulator, which forgets its own lock on restart) may do without.
+        if c.guard_file.is_empty() && !url.host().is_some_and(loopback_host) {
+            return Err(err(
+                "credentials.guard_file: must be set unless upstream.base_url is a loopback \
+                 address (the login counts must outlive the process)",
             ));
         }
         positive("credentials.session_idle_timeout", c.session_idle_timeout)?;
@@ -763,9 +772,39 @@ mod tests {
     }
 
     #[test]
-    fn max_failed_logins_below_lockout() {
-        let e = from_toml_with_env("[credentials]\nmax_failed_logins = 5\n", &[]).unwrap_err();
-        assert!(e.0.starts_with("credentials.max_failed_logins"), "{e}");
+    fn max_failed_logins_is_one_or_two() {
+        for n in [0, 3, 5] {
+            let e = from_toml_with_env(&format!("[credentials]\nmax_failed_logins = {n}\n"), &[])
+                .unwrap_err();
+            assert!(e.0.starts_with("credentials.max_failed_logins"), "{e}");
+        }
+        for n in [1, 2] {
+            from_toml_with_env(&format!("[credentials]\nmax_failed_logins = {n}\n"), &[]).unwrap();
+        }
+    }
+
+    #[test]
+    fn guard_file_may_be_empty_only_for_a_loopback_upstream() {
+        let e = from_toml_with_env("[credentials]\nguard_file = \"\"\n", &[]).unwrap_err();
+        assert!(e.0.starts_with("credentials.guard_file"), "{e}");
+        for base in [
+            "http://127.0.0.1:8081",
+            "http://127.8.9.10",
+            "http://localhost:1",
+            "http://[::1]:8081",
+        ] {
+            from_toml_with_env(
+                &format!("[upstream]\nbase_url = \"{base}\"\n[credentials]\nguard_file = \"\"\n"),
+                &[],
+            )
+            .unwrap_or_else(|e| panic!("{base}: {e}"));
+        }
+        let e = from_toml_with_env(
+            "[upstream]\nbase_url = \"https://10.0.0.1\"\n[credentials]\nguard_file = \"\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.0.starts_with("credentials.guard_file"), "{e}");
     }
 
     #[test]

@@ -48,14 +48,19 @@ pub enum GatewayError {
     BadRequest(&'static str),
     #[error("{0}")]
     BadGateway(String),
+    /// The credentials are the cause (SPEC §5); the words are fixed per cause, details go to the log.
     #[error("{0}")]
-    UpstreamAuthFailed(String),
+    UpstreamAuthFailed(&'static str),
     #[error("{message}")]
     UpstreamUnavailable {
         reason: Throttle,
         retry_after: Duration,
         message: &'static str,
     },
+    /// Upstream tokens cannot be obtained for a reason other than the credentials (token calls
+    /// failing with connect errors, timeouts or 5xx; the login guard unable to record an attempt).
+    #[error("upstream tokens are temporarily unavailable; retry later")]
+    TokensUnavailable { retry_after: Duration },
     #[error("too many requests in flight")]
     Overloaded,
     #[error("upstream did not answer in time")]
@@ -74,7 +79,9 @@ impl GatewayError {
             RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             BadGateway(_) | UpstreamAuthFailed(_) => StatusCode::BAD_GATEWAY,
-            UpstreamUnavailable { .. } | Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            UpstreamUnavailable { .. } | TokensUnavailable { .. } | Overloaded => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -91,7 +98,7 @@ impl GatewayError {
             HeadersTooLarge => "GW_HEADERS_TOO_LARGE",
             BadGateway(_) => "GW_BAD_GATEWAY",
             UpstreamAuthFailed(_) => "GW_UPSTREAM_AUTH_FAILED",
-            UpstreamUnavailable { .. } => "GW_UPSTREAM_UNAVAILABLE",
+            UpstreamUnavailable { .. } | TokensUnavailable { .. } => "GW_UPSTREAM_UNAVAILABLE",
             Overloaded => "GW_OVERLOADED",
             UpstreamTimeout => "GW_UPSTREAM_TIMEOUT",
         }
@@ -112,6 +119,7 @@ impl GatewayError {
             GatewayError::BadGateway(_)
                 | GatewayError::UpstreamAuthFailed(_)
                 | GatewayError::UpstreamUnavailable { .. }
+                | GatewayError::TokensUnavailable { .. }
                 | GatewayError::UpstreamTimeout
         )
     }
@@ -119,7 +127,8 @@ impl GatewayError {
     fn retry_after(&self) -> Option<Duration> {
         match self {
             GatewayError::RateLimited { retry_after }
-            | GatewayError::UpstreamUnavailable { retry_after, .. } => Some(*retry_after),
+            | GatewayError::UpstreamUnavailable { retry_after, .. }
+            | GatewayError::TokensUnavailable { retry_after } => Some(*retry_after),
             GatewayError::Overloaded => Some(Duration::from_secs(1)),
             _ => None,
         }
@@ -176,17 +185,18 @@ mod tests {
             (RateLimited { retry_after: d }, 429, "GW_RATE_LIMITED"),
             (HeadersTooLarge, 431, "GW_HEADERS_TOO_LARGE"),
             (BadGateway("x".into()), 502, "GW_BAD_GATEWAY"),
-            (
-                UpstreamAuthFailed("x".into()),
-                502,
-                "GW_UPSTREAM_AUTH_FAILED",
-            ),
+            (UpstreamAuthFailed("x"), 502, "GW_UPSTREAM_AUTH_FAILED"),
             (
                 UpstreamUnavailable {
                     reason: Throttle::Budget,
                     retry_after: d,
                     message: "x",
                 },
+                503,
+                "GW_UPSTREAM_UNAVAILABLE",
+            ),
+            (
+                TokensUnavailable { retry_after: d },
                 503,
                 "GW_UPSTREAM_UNAVAILABLE",
             ),

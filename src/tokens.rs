@@ -2,43 +2,79 @@
 //!
 //! - Reads are lock-free (`ArcSwapOption`); refreshes are single-flight behind one async mutex
 //!   per token, so any number of concurrent requests cause one token call.
-//! - The OAuth token is refreshed in the background when 25 % of its lifetime is left; a refresh
-//!   that returns the same token keeps the later expiry and asks again right after it expires.
-//! - The session is renewed lazily when idle longer than `session_idle_timeout`.
-//! - The lockout guard counts rejected logins in a row and pauses logins before ThingSpace's
-//!   five-failure lock; transient failures back off with jitter and do not count.
+//! - The OAuth token is refreshed in the background when 25 % of its lifetime is left
+//!   (`tokens/oauth.rs`); the session is renewed lazily when idle (`tokens/login.rs`).
+//! - The lockout guard (`tokens/guard.rs`) keeps `rejected` and `attempts` per username in a
+//!   [`GuardStore`] (`tokens/store.rs`: the guard file, or memory for a loopback upstream), so the
+//!   gateway never sends the login that would lock the ThingSpace user, across restarts too.
+//! - A refused token is renewed once; a renewed token refused too backs off (1 s doubling to
+//!   60 s), and no token call is made while the upstream is closed to us (cooldown, open circuit).
 
-use crate::error::GatewayError;
-use crate::metrics::{Endpoint, Metrics};
+use crate::circuit::CircuitState;
+use crate::error::{GatewayError, Throttle};
+use crate::metrics::Metrics;
 use crate::secret::Secret;
 use crate::server::Shutdown;
-use crate::transport::OutRequest;
 use crate::upstream::Upstream;
 use arc_swap::ArcSwapOption;
-use base64::Engine;
-use bytes::Bytes;
-use guard::Guard;
-use http::{header, HeaderMap, HeaderValue, Method};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use guard::{Cause, Guard, Origin};
+use http::{header, HeaderMap, HeaderValue};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
 mod guard;
+mod login;
+mod oauth;
 mod report;
+pub mod store;
+
+pub use guard::{BEARER_REFUSED, RESET_ATTEMPTS, STOP_AT_ATTEMPTS, THINGSPACE_LOCKOUT};
+pub use store::{FileStore, GuardStore, MemoryStore, Record};
 
 /// The longest token lifetime believed from an upstream `expires_in`.
 const MAX_TOKEN_LIFETIME_SECS: u64 = 24 * 3600;
+/// How often the background loop looks again while it has nothing to do (no credentials).
+const IDLE_WAKE: Duration = Duration::from_secs(3600);
 
-pub use guard::THINGSPACE_LOCKOUT;
-/// The session is renewed this long before the upstream's idle expiry would hit.
-const SESSION_MARGIN: Duration = Duration::from_secs(1);
+/// The session is renewed this long before the upstream's idle expiry would hit: 5 % of the idle
+/// timeout, at most 1 s (a fixed 1 s made a 1 s idle timeout log in for every request).
+pub fn session_margin(idle: Duration) -> Duration {
+    (idle / 20).min(Duration::from_secs(1))
+}
 
 pub struct UpstreamCredentials {
     pub client_id: String,
     pub client_secret: Secret,
     pub username: String,
     pub password: Secret,
+}
+
+impl UpstreamCredentials {
+    fn client_configured(&self) -> bool {
+        !self.client_id.is_empty() && !self.client_secret.expose().is_empty()
+    }
+
+    fn user_configured(&self) -> bool {
+        !self.username.is_empty() && !self.password.expose().is_empty()
+    }
+
+    /// Tells changed credentials from the same ones; never reveals the password (a truncated
+    /// SHA-256 of username and password).
+    fn fingerprint(&self) -> String {
+        let input = format!(
+            "thingspace-gateway guard v1\0{}\0{}",
+            self.username,
+            self.password.expose()
+        );
+        ring::digest::digest(&ring::digest::SHA256, input.as_bytes())
+            .as_ref()
+            .iter()
+            .take(8)
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
 }
 
 pub struct TokenSettings {
@@ -96,15 +132,21 @@ impl Creds {
 
 enum SessionError {
     /// The login was refused for the bearer token: get a new one and try once more.
-    BearerRejected,
+    BearerRefused,
     Other(GatewayError),
 }
 
 pub struct TokenManager {
     upstream: Arc<Upstream>,
     creds: UpstreamCredentials,
+    /// Of `creds`, computed once.
+    fingerprint: String,
     settings: TokenSettings,
     metrics: Metrics,
+    store: Arc<dyn GuardStore>,
+    /// Saves of the session guard in order: each writes the numbers as of its turn, so an older
+    /// snapshot never overwrites a newer one.
+    save_order: tokio::sync::Mutex<()>,
     epoch: Instant,
     epoch_wall: SystemTime,
     oauth: ArcSwapOption<OAuthToken>,
@@ -113,9 +155,17 @@ pub struct TokenManager {
     session_lock: tokio::sync::Mutex<()>,
     oauth_guard: Mutex<Guard>,
     session_guard: Mutex<Guard>,
+    /// A guard holds a renewed token under suspicion (checked without a lock on the hot path).
+    suspicion: AtomicBool,
+    /// Both tokens were held once: `/readyz` answers 200 from then on (SPEC §7).
+    ready: AtomicBool,
+    /// The upstream was closed to us (cooldown, open circuit) until then: no token call before.
+    closed_until: Mutex<Option<Instant>>,
+    /// Wakes the background loop (a reset lifted a stop).
+    wake: tokio::sync::Notify,
 }
 
-fn lock(m: &Mutex<Guard>) -> std::sync::MutexGuard<'_, Guard> {
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -123,10 +173,13 @@ fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
-/// Errors of our own protection (budget, cooldown, circuit) say nothing about the upstream's
-/// health, so they set no backoff.
-fn is_own_throttle(e: &GatewayError) -> bool {
-    e.throttle().is_some()
+/// Opens where the login counts live: the guard file, or memory when `guard_file` is empty
+/// (allowed by config validation only for a loopback upstream).
+pub fn open_guard_store(guard_file: &str) -> Result<Arc<dyn GuardStore>, store::OpenError> {
+    if guard_file.is_empty() {
+        return Ok(Arc::new(MemoryStore::default()));
+    }
+    Ok(Arc::new(FileStore::open(std::path::Path::new(guard_file))?))
 }
 
 impl TokenManager {
@@ -135,10 +188,12 @@ impl TokenManager {
         creds: UpstreamCredentials,
         settings: TokenSettings,
         metrics: Metrics,
+        store: Arc<dyn GuardStore>,
     ) -> Self {
-        Self {
+        let fingerprint = creds.fingerprint();
+        let m = Self {
             upstream,
-            creds,
+            fingerprint,
             settings,
             metrics,
             epoch: Instant::now(),
@@ -149,7 +204,92 @@ impl TokenManager {
             session_lock: tokio::sync::Mutex::new(()),
             oauth_guard: Mutex::new(Guard::default()),
             session_guard: Mutex::new(Guard::default()),
+            suspicion: AtomicBool::new(false),
+            ready: AtomicBool::new(false),
+            closed_until: Mutex::new(None),
+            wake: tokio::sync::Notify::new(),
+            save_order: tokio::sync::Mutex::new(()),
+            store,
+            creds,
+        };
+        if m.creds.user_configured() {
+            let record = m.store.load(&m.creds.username);
+            *lock(&m.session_guard) = m.guard_from(&record);
         }
+        m
+    }
+
+    /// The session guard as stored: a pause read back is capped at now + `login_pause`; changed
+    /// credentials lift a pause (one attempt), never a stop.
+    fn guard_from(&self, r: &Record) -> Guard {
+        let now = Instant::now();
+        let pause = self.settings.login_pause;
+        let paused_until = r.paused_until.as_ref().map(|s| {
+            match humantime::parse_rfc3339_weak(s) {
+                Ok(wall) => wall
+                    .duration_since(SystemTime::now())
+                    .map(|left| now + left.min(pause))
+                    .unwrap_or(now),
+                // Unreadable: the whole pause, to be safe.
+                Err(_) => now + pause,
+            }
+        });
+        let mut g = Guard {
+            rejected: r.rejected,
+            attempts: r.attempts,
+            paused_until: paused_until.filter(|u| *u > now),
+            stopped: r.stopped,
+            locked: r.locked,
+            ..Guard::default()
+        };
+        let changed = !r.fingerprint.is_empty() && r.fingerprint != self.fingerprint;
+        if g.is_stopped() {
+            g.stopped = true;
+            tracing::error!(
+                rejected = g.rejected,
+                attempts = g.attempts,
+                locked = g.locked,
+                "upstream session logins are stopped (from the guard file); no login until \
+                 POST /credentials/reset on the admin API"
+            );
+        } else if changed && g.paused_until.is_some() {
+            g.paused_until = None;
+            tracing::warn!(
+                rejected = g.rejected,
+                attempts = g.attempts,
+                "the credentials changed since the last login attempt: the login pause is lifted \
+                 for one attempt"
+            );
+        } else if g.attempts > 0 || g.paused_until.is_some() {
+            tracing::warn!(
+                rejected = g.rejected,
+                attempts = g.attempts,
+                paused = g.paused_until.is_some(),
+                "login counts read from the guard file"
+            );
+        }
+        g
+    }
+
+    /// The session guard's numbers as stored.
+    fn record(&self, g: &Guard, now: Instant) -> Record {
+        Record {
+            rejected: g.rejected,
+            attempts: g.attempts,
+            paused_until: g
+                .paused(now)
+                .map(|u| humantime::format_rfc3339_millis(self.wall(u)).to_string()),
+            stopped: g.stopped,
+            locked: g.locked,
+            fingerprint: self.fingerprint.clone(),
+        }
+    }
+
+    /// Stores the session guard's numbers; `Err` means they are not durable.
+    async fn save_session_guard(&self) -> Result<(), String> {
+        let _turn = self.save_order.lock().await;
+        let record = self.record(&lock(&self.session_guard), Instant::now());
+        self.store.save(&self.creds.username, record).await
     }
 
     fn wall(&self, t: Instant) -> SystemTime {
@@ -174,344 +314,181 @@ impl TokenManager {
     }
 
     fn valid_session(&self, now: Instant) -> Option<Arc<SessionToken>> {
+        let margin = session_margin(self.settings.session_idle_timeout);
         self.session
             .load_full()
-            .filter(|s| now + SESSION_MARGIN < self.session_expiry(s))
+            .filter(|s| now + margin < self.session_expiry(s))
     }
 
     /// Both tokens, valid now; waits for the one refresh in flight when needed.
     pub async fn credentials(&self, deadline: Instant) -> Result<Creds, GatewayError> {
-        for attempt in 0..2 {
+        for _ in 0..2 {
             let oauth = match self.valid_oauth(Instant::now()) {
                 Some(t) => t,
                 None => self.refresh_oauth(deadline, false).await?,
             };
             match self.session_token(&oauth, deadline).await {
                 Ok(session) => return Ok(Creds { oauth, session }),
-                Err(SessionError::BearerRejected) if attempt == 0 => {
-                    self.invalidate_oauth(&oauth.token)
-                }
-                Err(SessionError::BearerRejected) => {
-                    return Err(GatewayError::UpstreamAuthFailed(
-                        "upstream rejected a fresh bearer token at session login".into(),
-                    ))
-                }
+                Err(SessionError::BearerRefused) => continue,
                 Err(SessionError::Other(e)) => return Err(e),
             }
         }
-        Err(GatewayError::UpstreamAuthFailed(
-            "tokens could not be obtained".into(),
-        ))
+        Err(GatewayError::UpstreamAuthFailed(guard::BEARER_REFUSED))
     }
 
-    /// Records that a request carrying `creds` was sent at `sent_at` (keeps the session alive).
+    /// Records that a request carrying `creds` was sent at `sent_at` and answered without a
+    /// token complaint: keeps the session alive and clears any suspicion of renewed tokens.
     pub fn touch(&self, creds: &Creds, sent_at: Instant) {
         creds
             .session
             .last_used_ms
             .fetch_max(self.ms(sent_at), Ordering::Relaxed);
+        if self.suspicion.load(Ordering::Relaxed) {
+            for g in [&self.oauth_guard, &self.session_guard] {
+                let mut g = lock(g);
+                if g.suspect.take().is_some() {
+                    g.transient = 0;
+                }
+            }
+            self.suspicion.store(false, Ordering::Relaxed);
+        }
     }
 
-    /// The upstream refused the bearer (401): drop it and the session, if still current.
-    pub fn invalidate_oauth(&self, used: &Secret) {
+    /// The upstream answered a page request carrying `used` with 401. `Ok` → renew the bearer and
+    /// the session and retry once; `Err` → a renewed bearer was refused too: backing off, the
+    /// credentials are the cause.
+    pub fn bearer_refused(&self, used: &Secret) -> Result<(), GatewayError> {
+        self.refuse_bearer(used, Origin::Page)
+    }
+
+    fn refuse_bearer(&self, used: &Secret, origin: Origin) -> Result<(), GatewayError> {
+        let mut g = lock(&self.oauth_guard);
         let current = self.oauth.load_full();
-        if current.as_ref().is_some_and(|c| c.token == *used) {
-            self.oauth.store(None);
-            self.session.store(None);
-            tracing::info!("upstream rejected the bearer token; refreshing it and the session");
+        if !current.as_ref().is_some_and(|c| c.token == *used) {
+            return Ok(()); // a concurrent request already dealt with it
         }
-    }
-
-    /// The upstream said the session expired or is invalid: drop it, if still current.
-    pub fn invalidate_session(&self, used: &Secret) {
-        let current = self.session.load_full();
-        if current.as_ref().is_some_and(|c| c.token == *used) {
-            self.session.store(None);
-            tracing::info!("upstream session expired; logging in again");
+        self.oauth.store(None);
+        self.session.store(None);
+        if g.suspect.is_none() {
+            g.suspect = Some(origin);
+            self.suspicion.store(true, Ordering::Relaxed);
+            tracing::info!("upstream refused the bearer token; renewing it and the session");
+            return Ok(());
         }
-    }
-
-    async fn refresh_oauth(
-        &self,
-        deadline: Instant,
-        proactive: bool,
-    ) -> Result<Arc<OAuthToken>, GatewayError> {
-        let _flight = tokio::time::timeout_at(deadline, self.oauth_lock.lock())
-            .await
-            .map_err(|_| GatewayError::UpstreamTimeout)?;
-        let now = Instant::now();
-        if !proactive {
-            if let Some(t) = self.valid_oauth(now) {
-                return Ok(t); // refreshed by the flight we waited for
-            }
-        }
-        let not_before = {
-            let g = lock(&self.oauth_guard);
-            g.check("token requests", now)?;
-            g.not_before
-        };
-        if let Some(nb) = not_before.filter(|nb| *nb > now) {
-            if nb > deadline {
-                return Err(GatewayError::UpstreamTimeout);
-            }
-            tokio::time::sleep_until(nb).await;
-        }
-        let mut headers = HeaderMap::new();
-        let basic = base64::engine::general_purpose::STANDARD.encode(format!(
-            "{}:{}",
-            self.creds.client_id,
-            self.creds.client_secret.expose()
-        ));
-        if let Some(v) = sensitive(&format!("Basic {basic}")) {
-            headers.insert(header::AUTHORIZATION, v);
-        }
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/x-www-form-urlencoded"),
+        let e = g.back_off(Cause::BearerRefused, Instant::now());
+        tracing::warn!(
+            step = g.transient,
+            "upstream refused a renewed bearer token too; backing off before renewing again"
         );
-        headers.insert(header::ACCEPT, crate::respond::JSON);
-        let req = OutRequest {
-            method: Method::POST,
-            path: "/api/ts/v1/oauth2/token".into(),
-            headers,
-            body: Bytes::from_static(b"grant_type=client_credentials"),
-        };
-        let sent = Instant::now();
-        let result = self
-            .upstream
-            .call(Endpoint::OauthToken, req, deadline, &AtomicU32::new(0))
-            .await;
-        let now = Instant::now();
-        let resp = match result {
-            Ok(r) => r,
-            Err(e) => return Err(self.oauth_transient(e, now)),
-        };
-        if resp.status.is_client_error() {
-            self.metrics.token_refresh("oauth", "rejected");
-            let mut g = lock(&self.oauth_guard);
-            g.rejected(
-                "token requests",
-                resp.status.as_u16(),
-                self.settings.max_failed_logins,
-                self.settings.login_pause,
-                now,
-            );
-            return Err(GatewayError::UpstreamAuthFailed(format!(
-                "upstream rejected the client credentials (HTTP {})",
-                resp.status.as_u16()
-            )));
-        }
-        #[derive(serde::Deserialize)]
-        struct TokenBody {
-            access_token: String,
-            expires_in: u64,
-        }
-        let body = match serde_json::from_slice::<TokenBody>(&resp.body) {
-            Ok(b) if resp.status.is_success() && !b.access_token.is_empty() => b,
-            _ => {
-                let e = GatewayError::UpstreamAuthFailed(format!(
-                    "upstream token response is malformed (HTTP {}, {} bytes)",
-                    resp.status.as_u16(),
-                    resp.body.len()
-                ));
-                tracing::warn!(error = %e, "token refresh failed");
-                return Err(self.oauth_transient(e, now));
-            }
-        };
-        let token = Secret::new(body.access_token);
-        // An upstream that claims a lifetime of centuries gets a day: Instant arithmetic must not
-        // overflow, and a day is far beyond ThingSpace's real hour.
-        let estimate = sent + Duration::from_secs(body.expires_in.min(MAX_TOKEN_LIFETIME_SECS));
-        let current = self.oauth.load_full();
-        let new = match current.filter(|c| c.token == token) {
-            Some(cur) => OAuthToken {
-                token,
-                obtained_at: cur.obtained_at,
-                expires_at: cur.expires_at.max(estimate),
-                same_returned: true,
-            },
-            None if body.expires_in == 0 => {
-                let e = GatewayError::UpstreamAuthFailed(
-                    "upstream issued a token that is already expired".into(),
-                );
-                return Err(self.oauth_transient(e, now));
-            }
-            None => OAuthToken {
-                token,
-                obtained_at: sent,
-                expires_at: estimate,
-                same_returned: false,
-            },
-        };
-        let new = Arc::new(new);
-        {
-            let mut g = lock(&self.oauth_guard);
-            g.success();
-            if new.expires_at <= now {
-                // Same token, in its last second: ask again shortly instead of spinning.
-                g.not_before = Some(now + Duration::from_secs(1));
-            }
-        }
-        self.metrics.token_refresh("oauth", "success");
-        self.metrics
-            .token_expiry
-            .with_label_values(&["oauth"])
-            .set(unix_secs(self.wall(new.expires_at)));
-        self.oauth.store(Some(new.clone()));
-        if new.expires_at <= now {
-            return Err(GatewayError::UpstreamAuthFailed(
-                "upstream token is expiring; retry".into(),
-            ));
-        }
-        Ok(new)
+        Err(e)
     }
 
-    fn oauth_transient(&self, e: GatewayError, now: Instant) -> GatewayError {
-        self.metrics.token_refresh("oauth", "failure");
-        if !is_own_throttle(&e) {
-            lock(&self.oauth_guard).transient(e.clone(), now);
+    /// A login with the bearer was accepted: a suspicion raised at login is cleared (one raised by
+    /// a page request is cleared only by a page request).
+    fn bearer_accepted_at_login(&self) {
+        let mut g = lock(&self.oauth_guard);
+        if g.suspect == Some(Origin::Login) {
+            g.suspect = None;
+            g.transient = 0;
         }
-        e
     }
 
-    fn session_transient(&self, e: GatewayError, now: Instant) -> SessionError {
-        self.metrics.token_refresh("session", "failure");
-        if !is_own_throttle(&e) {
-            lock(&self.session_guard).transient(e.clone(), now);
+    /// The upstream said the session carried by a page request expired or is invalid. `Ok` → log
+    /// in again and retry once; `Err` → a fresh session was refused too: backing off.
+    pub fn session_refused(&self, used: &Secret) -> Result<(), GatewayError> {
+        let mut g = lock(&self.session_guard);
+        let current = self.session.load_full();
+        if !current.as_ref().is_some_and(|c| c.token == *used) {
+            return Ok(());
         }
-        SessionError::Other(e)
+        self.session.store(None);
+        if g.suspect.is_none() {
+            g.suspect = Some(Origin::Page);
+            self.suspicion.store(true, Ordering::Relaxed);
+            tracing::info!("upstream session expired; logging in again");
+            return Ok(());
+        }
+        let e = g.back_off(Cause::Transient, Instant::now());
+        tracing::warn!(
+            step = g.transient,
+            "upstream refused a fresh session too; backing off before logging in again"
+        );
+        Err(e)
     }
 
-    async fn session_token(
+    /// `Err` while the upstream is closed to us (429 cooldown, open circuit): no token call then.
+    fn upstream_open(&self, now: Instant) -> Result<(), GatewayError> {
+        if let Some(until) = self.upstream.cooldown_until() {
+            *lock(&self.closed_until) = Some(until);
+            return Err(GatewayError::UpstreamUnavailable {
+                reason: Throttle::Upstream429,
+                retry_after: until.saturating_duration_since(now),
+                message: "upstream is throttling; retry later",
+            });
+        }
+        if self.upstream.circuit_state() == CircuitState::Open {
+            let retry_after = Duration::from_secs(1);
+            *lock(&self.closed_until) = Some(now + retry_after);
+            return Err(GatewayError::UpstreamUnavailable {
+                reason: Throttle::CircuitOpen,
+                retry_after,
+                message: "upstream circuit is open after repeated failures; retry later",
+            });
+        }
+        Ok(())
+    }
+
+    /// A token call that failed without an answer judging the credentials. `made` upstream
+    /// attempts: none means our own protection held it back (no failure counted, no backoff).
+    fn call_failed(
         &self,
-        oauth: &OAuthToken,
-        deadline: Instant,
-    ) -> Result<Arc<SessionToken>, SessionError> {
-        if let Some(s) = self.valid_session(Instant::now()) {
-            return Ok(s);
+        guard: &Mutex<Guard>,
+        token: &'static str,
+        e: GatewayError,
+        made: u32,
+        now: Instant,
+    ) -> GatewayError {
+        if let GatewayError::UpstreamUnavailable { retry_after, .. } = &e {
+            *lock(&self.closed_until) = Some(now + *retry_after);
         }
-        let _flight = tokio::time::timeout_at(deadline, self.session_lock.lock())
-            .await
-            .map_err(|_| SessionError::Other(GatewayError::UpstreamTimeout))?;
-        let now = Instant::now();
-        if let Some(s) = self.valid_session(now) {
-            return Ok(s);
+        if made == 0 {
+            return e;
         }
-        // The flight we waited for may have found our bearer refused: don't log in with it again.
-        if !self
-            .oauth
-            .load()
-            .as_ref()
-            .is_some_and(|current| current.token == oauth.token)
-        {
-            return Err(SessionError::BearerRejected);
+        self.metrics.token_refresh(token, "failure");
+        tracing::warn!(token, error = %e, "upstream token call failed; backing off");
+        let backoff = lock(guard).back_off(Cause::Transient, now);
+        match e {
+            // A 429 answer keeps its reason (metrics, Retry-After of the cooldown).
+            GatewayError::UpstreamUnavailable { .. } => e,
+            _ => backoff,
         }
-        lock(&self.session_guard)
-            .check("session logins", now)
-            .map_err(SessionError::Other)?;
-        let mut headers = HeaderMap::new();
-        if let Some(v) = sensitive(&format!("Bearer {}", oauth.token.expose())) {
-            headers.insert(header::AUTHORIZATION, v);
-        }
-        headers.insert(header::CONTENT_TYPE, crate::respond::JSON);
-        headers.insert(header::ACCEPT, crate::respond::JSON);
-        let body = serde_json::json!({
-            "username": self.creds.username,
-            "password": self.creds.password.expose(),
-        });
-        let req = OutRequest {
-            method: Method::POST,
-            path: "/api/m2m/v1/session/login".into(),
-            headers,
-            body: Bytes::from(body.to_string()),
-        };
-        let sent = Instant::now();
-        let result = self
-            .upstream
-            .call(Endpoint::SessionLogin, req, deadline, &AtomicU32::new(0))
-            .await;
-        let now = Instant::now();
-        let resp = match result {
-            Ok(r) => r,
-            Err(e) => return Err(self.session_transient(e, now)),
-        };
-        if resp.status == http::StatusCode::UNAUTHORIZED {
-            self.metrics.token_refresh("session", "failure");
-            return Err(SessionError::BearerRejected);
-        }
-        if resp.status.is_client_error() {
-            self.metrics.token_refresh("session", "rejected");
-            lock(&self.session_guard).rejected(
-                "session logins",
-                resp.status.as_u16(),
-                self.settings.max_failed_logins,
-                self.settings.login_pause,
-                now,
-            );
-            return Err(SessionError::Other(GatewayError::UpstreamAuthFailed(
-                format!(
-                    "upstream rejected the session login (HTTP {})",
-                    resp.status.as_u16()
-                ),
-            )));
-        }
-        #[derive(serde::Deserialize)]
-        #[serde(rename_all = "camelCase")]
-        struct LoginBody {
-            session_token: String,
-        }
-        let token = match serde_json::from_slice::<LoginBody>(&resp.body) {
-            Ok(b) if resp.status.is_success() && !b.session_token.is_empty() => b.session_token,
-            _ => {
-                let e = GatewayError::UpstreamAuthFailed(format!(
-                    "upstream session login response is malformed (HTTP {})",
-                    resp.status.as_u16()
-                ));
-                tracing::warn!(error = %e, "session login failed");
-                return Err(self.session_transient(e, now));
-            }
-        };
-        lock(&self.session_guard).success();
-        self.metrics.token_refresh("session", "success");
-        let s = Arc::new(SessionToken {
-            token: Secret::new(token),
-            last_used_ms: AtomicU64::new(self.ms(sent)),
-        });
-        self.session.store(Some(s.clone()));
-        Ok(s)
     }
 
     /// When the background loop should act next.
     fn next_wake(&self, now: Instant) -> Instant {
-        let g = lock(&self.oauth_guard);
-        if g.stopped {
-            return now + Duration::from_secs(3600);
+        if !self.creds.client_configured() {
+            return now + IDLE_WAKE;
         }
-        let blocked = [g.paused_until, g.backoff_until, g.not_before]
-            .into_iter()
-            .flatten()
-            .filter(|t| *t > now)
-            .max();
-        drop(g);
-        if let Some(t) = blocked {
-            return t;
-        }
-        let sg = lock(&self.session_guard);
-        let session_blocked = [sg.paused_until, sg.backoff_until]
-            .into_iter()
-            .flatten()
-            .filter(|t| *t > now)
-            .max();
-        let session_stopped = sg.stopped;
-        drop(sg);
-        let oauth_next = match self.oauth.load_full() {
-            None => return now,
-            Some(t) => refresh_at(&t),
+        let later =
+            |ts: &[Option<Instant>]| ts.iter().flatten().copied().filter(|t| *t > now).max();
+        let oauth_blocked = {
+            let g = lock(&self.oauth_guard);
+            later(&[g.paused_until, g.backoff_until, g.not_before])
         };
-        if self.session.load().is_none() && !session_stopped {
-            return session_blocked.unwrap_or(now).min(oauth_next);
+        let held = self.valid_oauth(now);
+        let oauth_due = held.as_ref().map(|t| refresh_at(t)).unwrap_or(now);
+        let mut next = oauth_due.max(oauth_blocked.unwrap_or(now));
+        if held.is_some() && self.session.load().is_none() && self.creds.user_configured() {
+            let g = lock(&self.session_guard);
+            if !g.is_stopped() {
+                let blocked = later(&[g.paused_until, g.backoff_until]);
+                next = next.min(blocked.unwrap_or(now));
+            }
         }
-        oauth_next
+        match *lock(&self.closed_until) {
+            Some(c) if c > now => next.max(c),
+            _ => next,
+        }
     }
 
     /// Obtains both tokens at start (so readiness does not wait for traffic) and keeps the
@@ -522,20 +499,23 @@ impl TokenManager {
             let wake = self.next_wake(now).max(now);
             tokio::select! {
                 _ = tokio::time::sleep_until(wake) => {}
+                _ = self.wake.notified() => {}
                 _ = shutdown.wait() => return,
             }
-            let deadline = Instant::now() + self.settings.call_timeout;
-            let now = Instant::now();
-            let oauth = match self.oauth.load_full() {
-                Some(t) if now < refresh_at(&t) && now < t.expires_at => Some(t),
-                held => self.refresh_oauth(deadline, held.is_some()).await.ok(),
-            };
-            if let Some(oauth) = oauth {
-                if self.session.load().is_none() {
-                    if let Err(SessionError::BearerRejected) =
-                        self.session_token(&oauth, deadline).await
-                    {
-                        self.invalidate_oauth(&oauth.token);
+            if self.creds.client_configured() {
+                let deadline = Instant::now() + self.settings.call_timeout;
+                let now = Instant::now();
+                match self.oauth.load_full() {
+                    Some(t) if now < refresh_at(&t) && now < t.expires_at => {}
+                    held => {
+                        let _ = self.refresh_oauth(deadline, held.is_some()).await;
+                    }
+                }
+                if let Some(oauth) = self.valid_oauth(Instant::now()) {
+                    if self.session.load().is_none() && self.creds.user_configured() {
+                        // Failures are recorded by the guard (backoff, pause, stop); the next
+                        // turn waits for them.
+                        let _ = self.session_token(&oauth, deadline).await;
                     }
                 }
             }
@@ -562,4 +542,36 @@ fn unix_secs(t: SystemTime) -> f64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_margin_is_a_fraction_of_the_idle_timeout() {
+        assert_eq!(
+            session_margin(Duration::from_secs(1)),
+            Duration::from_millis(50)
+        );
+        assert_eq!(
+            session_margin(Duration::from_secs(1200)),
+            Duration::from_secs(1)
+        );
+    }
+
+    #[test]
+    fn fingerprint_changes_with_the_password_and_hides_it() {
+        let creds = |pw: &str| UpstreamCredentials {
+            client_id: String::new(),
+            client_secret: Secret::default(),
+            username: "u".into(),
+            password: Secret::new(pw.to_string()),
+        };
+        let a = creds("hunter2").fingerprint();
+        assert_eq!(a.len(), 16);
+        assert_eq!(a, creds("hunter2").fingerprint());
+        assert_ne!(a, creds("hunter3").fingerprint());
+        assert!(!a.contains("hunter2"));
+    }
 }

@@ -66,6 +66,28 @@ pub fn is_json_object(body: &[u8]) -> bool {
     first == Some(&b'{') && serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok()
 }
 
+/// The error of a call that could not connect (the request was never sent).
+const CONNECT_FAILED: &str = "cannot connect to upstream";
+/// The error of a 5xx answer starts with this, followed by the status.
+const SERVER_ERROR: &str = "upstream answered ";
+
+fn server_error(status: StatusCode) -> GatewayError {
+    GatewayError::BadGateway(format!("{SERVER_ERROR}{}", status.as_u16()))
+}
+
+/// True for a failed call that provably did not reach the upstream's judgement of the request:
+/// a connect error (never sent) or a 5xx answer (the server failed before judging it). The
+/// lockout guard refunds a login attempt for these, and only these (SPEC §5).
+pub fn unjudged(err: &GatewayError) -> bool {
+    let GatewayError::BadGateway(m) = err else {
+        return false;
+    };
+    m == CONNECT_FAILED
+        || m.strip_prefix(SERVER_ERROR)
+            .and_then(|code| code.parse::<u16>().ok())
+            .is_some_and(|code| (500..600).contains(&code))
+}
+
 enum Verdict {
     Done(Result<RawResponse, GatewayError>),
     Retry(GatewayError),
@@ -256,10 +278,7 @@ impl Upstream {
                             | StatusCode::SERVICE_UNAVAILABLE
                             | StatusCode::GATEWAY_TIMEOUT
                     );
-                fail(
-                    GatewayError::BadGateway(format!("upstream answered {}", resp.status.as_u16())),
-                    retryable,
-                )
+                fail(server_error(resp.status), retryable)
             }
             Ok(resp) if resp.status == StatusCode::OK && !is_json_object(&resp.body) => {
                 tracing::warn!(
@@ -280,10 +299,7 @@ impl Upstream {
             }
             Err(TransportError::Connect(e)) => {
                 tracing::warn!(endpoint = endpoint.label(), error = %e, "upstream connect failed");
-                fail(
-                    GatewayError::BadGateway("cannot connect to upstream".into()),
-                    true,
-                )
+                fail(GatewayError::BadGateway(CONNECT_FAILED.into()), true)
             }
             Err(TransportError::Closed(e)) => {
                 tracing::warn!(endpoint = endpoint.label(), error = %e, "upstream connection failed");
@@ -329,6 +345,19 @@ mod tests {
         assert!(!is_json_object(b"[1]"));
         assert!(!is_json_object(b"<html>"));
         assert!(!is_json_object(b"{\"a\":"));
+    }
+
+    #[test]
+    fn unjudged_failures_are_connect_errors_and_5xx_only() {
+        assert!(unjudged(&GatewayError::BadGateway(CONNECT_FAILED.into())));
+        assert!(unjudged(&server_error(StatusCode::SERVICE_UNAVAILABLE)));
+        assert!(!unjudged(&GatewayError::BadGateway(
+            "upstream closed the connection".into()
+        )));
+        assert!(!unjudged(&GatewayError::BadGateway(
+            "upstream answered a body that is not a JSON object".into()
+        )));
+        assert!(!unjudged(&GatewayError::UpstreamTimeout));
     }
 
     #[test]

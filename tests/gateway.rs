@@ -154,7 +154,7 @@ async fn wrong_password_pauses_logins_before_the_lock() {
         .as_str()
         .unwrap()
         .to_string();
-    assert!(msg.contains("paused"), "{msg}");
+    assert_eq!(msg, "upstream logins are paused after rejected credentials");
     assert!(!msg.contains("wrong"), "no secret in the error body");
     assert_eq!(
         sim.count_status("session_login", 400),
@@ -167,6 +167,8 @@ async fn wrong_password_pauses_logins_before_the_lock() {
     assert!(ready.body.windows(6).any(|w| w == b"paused"));
     let status = get(&format!("{}/status", gw.admin_url())).await.json();
     assert_eq!(status["tokens"]["session"]["failures"], 2);
+    assert_eq!(status["tokens"]["session"]["attempts"], 2);
+    assert_eq!((sim.rejected_logins(), sim.lock_events()), (2, 0));
     assert!(status["tokens"]["session"]["paused_until"].is_string());
     // The simulator's user is not locked: the right password still works there.
     sim_tokens(&sim).await;
@@ -314,12 +316,14 @@ async fn malformed_token_response_backs_off() {
     let account = sim.account_names()[0].clone();
     for _ in 0..20 {
         let r = get(&format!("{}{}", gw.base_url(), license_path(&account, 0))).await;
-        assert_eq!(r.status, StatusCode::BAD_GATEWAY);
-        assert_eq!(r.error_code(), "GW_UPSTREAM_AUTH_FAILED");
-        assert!(r.json()["errorMessage"]
-            .as_str()
-            .unwrap()
-            .contains("malformed"));
+        // Not the credentials' fault (SPEC §4): 503 with Retry-After, fixed words.
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.error_code(), "GW_UPSTREAM_UNAVAILABLE");
+        assert!(!r.header("retry-after").is_empty());
+        assert_eq!(
+            r.json()["errorMessage"],
+            "upstream tokens are temporarily unavailable; retry later"
+        );
     }
     // Backoff: twenty client requests did not become twenty token calls.
     assert!(

@@ -115,6 +115,24 @@ fn check_config_and_hash_secret_exit_codes() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("clients.mode"));
+    // Login counts that would not outlive the process: refused by both commands, naming the key.
+    let no_guard = temp_file(
+        "no_guard.toml",
+        "[upstream]\nbase_url = \"https://10.1.2.3\"\n[credentials]\nguard_file = \"\"\n",
+    );
+    for cmd in ["check-config", "serve"] {
+        let out = Command::new(BIN)
+            .args([cmd, "--config"])
+            .arg(&no_guard)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{cmd}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("credentials.guard_file") && err.lines().count() == 1,
+            "{err}"
+        );
+    }
     let out = Command::new(BIN)
         .args(["serve", "--config", "/nonexistent.toml"])
         .output()
@@ -153,7 +171,7 @@ async fn sigterm_drains_fifty_slow_requests_and_exits_zero() {
         &format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace = \"20s\"\n\
              [upstream]\nbase_url = \"{}\"\nrate_per_second = 1000.0\nburst = 1000\nmax_concurrent = 64\n\
-             [credentials]\nclient_id = \"demo-key\"\nclient_secret = \"demo-secret\"\nusername = \"demo-user\"\npassword = \"demo-pass\"\n\
+             [credentials]\nclient_id = \"demo-key\"\nclient_secret = \"demo-secret\"\nusername = \"demo-user\"\npassword = \"demo-pass\"\nguard_file = \"\"\n\
              [clients]\nmode = \"none\"\n[log]\nformat = \"json\"\n",
             sim.base_url()
         ),
@@ -204,7 +222,7 @@ async fn trace_logs_status_and_errors_carry_no_secret() {
         &format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
              [upstream]\nbase_url = \"{}\"\n\
-             [credentials]\nclient_id = \"demo-key\"\nclient_secret_file = {:?}\nusername = \"demo-user\"\npassword = \"{password}\"\n\
+             [credentials]\nclient_id = \"demo-key\"\nclient_secret_file = {:?}\nusername = \"demo-user\"\npassword = \"{password}\"\nguard_file = \"\"\n\
              [clients]\nmode = \"required\"\ntoken_signing_key = \"signing-key-77-0123456789abcdef0123\"\n\
              [[clients.client]]\nid = \"app\"\nsecret_sha256 = \"{}\"\naccounts = [\"*\"]\n[log]\nformat = \"json\"\n",
             sim.base_url(),
@@ -299,4 +317,56 @@ async fn trace_logs_status_and_errors_carry_no_secret() {
             );
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_on_the_same_guard_file_is_refused() {
+    let sim = start_sim(sim_opts()).await;
+    let dir = std::env::temp_dir().join(format!("tsgw-proc-guard-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let guard = dir.join("gateway.guard");
+    let cfg = temp_file(
+        "guarded.toml",
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             [upstream]\nbase_url = \"{}\"\n\
+             [credentials]\nclient_id = \"demo-key\"\nclient_secret = \"demo-secret\"\nusername = \"demo-user\"\npassword = \"demo-pass\"\nguard_file = {:?}\n\
+             [clients]\nmode = \"none\"\n[log]\nformat = \"json\"\n",
+            sim.base_url(),
+            guard.display().to_string(),
+        ),
+    );
+    let (mut first, _base, admin, _logs) = spawn_gateway(&cfg, "info");
+    for _ in 0..200 {
+        if get(&format!("{admin}/readyz")).await.status == http::StatusCode::OK {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let second = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(second.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        err.contains("credentials.guard_file") && err.contains("in use by another gateway process"),
+        "{err}"
+    );
+    sigterm(&first);
+    assert_eq!(
+        tokio::task::spawn_blocking(move || wait_exit(&mut first))
+            .await
+            .unwrap(),
+        0
+    );
+    // The numbers were written before the login and after it: one accepted login, none counted.
+    let written: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&guard).unwrap()).unwrap();
+    assert_eq!(written["users"]["demo-user"]["attempts"], 0);
+    assert!(!String::from_utf8_lossy(&std::fs::read(&guard).unwrap()).contains("demo-pass"));
+    assert_eq!(sim.count("session_login"), 1);
+    assert_eq!(sim.lock_events(), 0);
 }

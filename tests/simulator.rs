@@ -405,9 +405,11 @@ async fn https_with_generated_certificate() {
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(sim.count("licenses"), 1);
     // Without the CA the certificate is refused: verification is always on.
+    // The token call cannot connect: not the credentials' fault, so 503 (SPEC §4).
     let gw2 = start_gateway(config(&sim.base_url(), "")).await;
     let r = get(&format!("{}{}", gw2.base_url(), license_path(&account, 0))).await;
-    assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.error_code(), "GW_UPSTREAM_UNAVAILABLE");
 }
 
 #[tokio::test(start_paused = true)]

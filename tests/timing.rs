@@ -66,6 +66,41 @@ async fn idle_session_is_renewed_lazily() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_one_second_idle_timeout_does_not_log_in_for_every_request() {
+    let p = InProc::new(
+        SimOptions {
+            session_idle: Duration::from_secs(1),
+            ..sim_opts()
+        },
+        "[credentials]\nsession_idle_timeout = \"1s\"\n",
+    )
+    .await;
+    let account = p.sim.account_names()[0].clone();
+    let imeis = p.sim.imeis(&account);
+    // A cold request every 500 ms for 10 s: the session stays in use, so one login. With a fixed
+    // 1 s renewal margin every request logged in again.
+    for i in 0..20 {
+        let r = p.get(&license_path(&account, imeis[i])).await;
+        assert_eq!(r.status, StatusCode::OK, "request {i}");
+        sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(p.sim.count("session_login"), 1);
+    assert_eq!(
+        p.sim.count_status("licenses", 400),
+        0,
+        "never sent an expired session"
+    );
+    // Idle past the timeout: renewed before use.
+    sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        p.get(&license_path(&account, imeis[30])).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(p.sim.count("session_login"), 2);
+    assert_eq!(p.sim.count_status("licenses", 400), 0);
+}
+
+#[tokio::test(start_paused = true)]
 async fn rejected_logins_stay_below_the_lock_across_pauses() {
     let p = InProc::new(
         sim_opts(),
@@ -94,7 +129,12 @@ async fn rejected_logins_stay_below_the_lock_across_pauses() {
     assert_eq!(p.sim.count_status("session_login", 200), 0);
     let status = p.gw.tokens.status_json();
     assert_eq!(status["session"]["stopped"], true);
-    assert!(!p.gw.tokens.not_ready_reasons().is_empty());
+    assert!(
+        p.gw.tokens.readiness().is_err(),
+        "never held a session: not ready"
+    );
+    assert_eq!(status["session"]["attempts"], 4);
+    assert_eq!(p.sim.lock_events(), 0);
 }
 
 #[tokio::test(start_paused = true)]

@@ -22,7 +22,7 @@ pub async fn gateway_over_sim(accounts: usize, devices: usize) -> (Simulator, Ar
             "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
              [upstream]\nbase_url = \"{}\"\nrate_per_second = 100000.0\nburst = 100000\n\
              [credentials]\nclient_id = \"demo-key\"\nclient_secret = \"demo-secret\"\n\
-             username = \"demo-user\"\npassword = \"demo-pass\"\n\
+             username = \"demo-user\"\npassword = \"demo-pass\"\nguard_file = \"\"\n\
              [clients]\nmode = \"none\"\n[cache]\nttl = \"1h\"\n",
             sim.base_url()
         ),

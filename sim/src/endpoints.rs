@@ -129,8 +129,10 @@ impl SimState {
         }
         if login.username != self.opts.username || login.password != self.opts.password {
             auth.failed_logins += 1;
+            auth.rejected_logins += 1;
             if auth.failed_logins >= LOCK_AFTER {
                 auth.locked = true;
+                auth.lock_events += 1;
             }
             return error_400(
                 "UnifiedWebService.REQUEST_FAILED.InvalidCredentials",

@@ -91,6 +91,10 @@ struct Auth {
     sessions: HashMap<String, Instant>,
     failed_logins: u32,
     locked: bool,
+    /// Logins refused for wrong credentials, ever (since the last reset).
+    rejected_logins: u64,
+    /// Times a user became locked.
+    lock_events: u64,
 }
 
 struct Limiter {
@@ -212,7 +216,7 @@ impl Simulator {
     }
 
     pub fn stats(&self) -> serde_json::Value {
-        lock(&self.state.stats).to_json()
+        self.state.stats_json()
     }
 
     /// Requests seen at one endpoint (`licenses`, `subscriptions`, `oauth_token`, `session_login`).
@@ -223,6 +227,16 @@ impl Simulator {
     /// Requests at one endpoint answered with one status.
     pub fn count_status(&self, endpoint: &str, status: u16) -> u64 {
         lock(&self.state.stats).count(endpoint, Some(status))
+    }
+
+    /// Logins the simulator refused for wrong credentials (since start or reset).
+    pub fn rejected_logins(&self) -> u64 {
+        lock(&self.state.auth).rejected_logins
+    }
+
+    /// Times the simulated user became locked (five failed logins in a row).
+    pub fn lock_events(&self) -> u64 {
+        lock(&self.state.auth).lock_events
     }
 
     pub fn max_concurrency(&self) -> u64 {
@@ -444,7 +458,7 @@ impl SimState {
                     .collect();
                 json_value(StatusCode::OK, &json!(list))
             }
-            (Method::GET, "stats") => json_value(StatusCode::OK, &lock(&self.stats).to_json()),
+            (Method::GET, "stats") => json_value(StatusCode::OK, &self.stats_json()),
             (Method::POST, "reset") => {
                 self.reset();
                 json_value(StatusCode::OK, &json!({"reset": true}))
@@ -495,6 +509,20 @@ impl SimState {
             *lock(&self.latency) = control::parse_duration(lat)?;
         }
         Ok(())
+    }
+
+    /// `GET /_sim/stats`: requests per endpoint and status, concurrency, and the login counts
+    /// that decide the lock.
+    fn stats_json(&self) -> serde_json::Value {
+        let mut stats = lock(&self.stats).to_json();
+        let auth = lock(&self.auth);
+        stats["logins"] = json!({
+            "rejected": auth.rejected_logins,
+            "failed_in_a_row": auth.failed_logins,
+            "locked": auth.locked,
+            "lock_events": auth.lock_events,
+        });
+        stats
     }
 
     fn reset(&self) {

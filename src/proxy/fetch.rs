@@ -7,6 +7,7 @@ use crate::cache::{Entry, Freshness, Join, Key, Kind};
 use crate::clients::Principal;
 use crate::error::GatewayError;
 use crate::metrics::Endpoint;
+use crate::tokens::BEARER_REFUSED;
 use crate::transport::OutRequest;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, StatusCode};
@@ -60,7 +61,7 @@ fn budget_client(who: &Principal) -> &str {
 }
 
 /// One upstream read with the gateway's tokens, for `who`; one retry after a reactive token
-/// refresh.
+/// refresh (a renewed token refused again backs off in the token manager: no renewal storm).
 pub async fn fetch_entry(
     g: Arc<Gateway>,
     key: Key,
@@ -93,22 +94,21 @@ pub async fn fetch_entry(
             .await?;
         let retry = attempt == 0;
         if resp.status == StatusCode::UNAUTHORIZED {
-            g.tokens.invalidate_oauth(&creds.oauth.token);
+            // Renew the bearer (and session) once; a renewed bearer refused too backs off.
+            g.tokens.bearer_refused(&creds.oauth.token)?;
             if retry {
                 continue;
             }
-            return Err(GatewayError::UpstreamAuthFailed(
-                "upstream rejected freshly obtained tokens".into(),
-            ));
+            return Err(GatewayError::UpstreamAuthFailed(BEARER_REFUSED));
         }
         if is_session_error(resp.status, &resp.body) {
-            g.tokens.invalidate_session(&creds.session.token);
+            g.tokens.session_refused(&creds.session.token)?;
             if retry {
                 continue;
             }
-            return Err(GatewayError::UpstreamAuthFailed(
-                "upstream rejected a fresh session".into(),
-            ));
+            return Err(GatewayError::TokensUnavailable {
+                retry_after: std::time::Duration::from_secs(1),
+            });
         }
         g.tokens.touch(&creds, sent);
         let fresh_for = if resp.status == StatusCode::OK {
@@ -136,9 +136,7 @@ pub async fn fetch_entry(
             fresh_for,
         )));
     }
-    Err(GatewayError::UpstreamAuthFailed(
-        "tokens could not be obtained".into(),
-    ))
+    Err(GatewayError::UpstreamAuthFailed(BEARER_REFUSED))
 }
 
 impl Gateway {

@@ -1,70 +1,93 @@
-//! What the token manager tells operators: readiness reasons, `/status`, clock-bound gauges.
-//! Never a token value.
+//! What the token manager tells operators and takes from them: the readiness latch, `/status`,
+//! clock-bound gauges, and `POST /credentials/reset`. Never a token value.
 
-use super::guard::Guard;
+use super::guard::{Guard, RESET_ATTEMPTS};
 use super::{lock, rfc3339, unix_secs, TokenManager};
-use crate::error::GatewayError;
+use crate::circuit::CircuitState;
+use std::sync::atomic::Ordering;
 use tokio::time::Instant;
 
 impl TokenManager {
-    /// Reasons the gateway is not ready, empty when it is.
-    pub fn not_ready_reasons(&self) -> Vec<String> {
+    /// The readiness latch (SPEC §7): `Ok` once both tokens have been held, whatever the upstream
+    /// does afterwards (a paused or cut-off gateway still serves its cache); before that, the
+    /// reasons it is not ready yet.
+    pub fn readiness(&self) -> Result<(), Vec<String>> {
+        if self.ready.load(Ordering::Acquire) {
+            return Ok(());
+        }
         let now = Instant::now();
         let mut reasons = Vec::new();
+        if !self.creds.client_configured() {
+            reasons.push(
+                "no upstream client credentials configured (credentials.client_id, \
+                 client_secret): no token call is made"
+                    .to_string(),
+            );
+        }
+        if !self.creds.user_configured() {
+            reasons.push(
+                "no upstream username and password configured (credentials.username, \
+                 password): no login is sent"
+                    .to_string(),
+            );
+        }
         if self.valid_oauth(now).is_none() {
-            reasons.push("no valid OAuth token held".to_string());
+            reasons.push("no OAuth token held yet".to_string());
         }
         if self.session.load().is_none() {
-            reasons.push("no session token held".to_string());
+            reasons.push("no session token held yet".to_string());
         }
         for (what, guard) in [
             ("token requests", &self.oauth_guard),
             ("session logins", &self.session_guard),
         ] {
-            if let Err(e) = lock(guard).check(what, now) {
-                if !matches!(e, GatewayError::UpstreamAuthFailed(_))
-                    || !reasons.contains(&e.to_string())
-                {
-                    reasons.push(e.to_string());
-                }
+            let g = lock(guard);
+            if g.locked {
+                reasons.push(format!(
+                    "{what} stopped: ThingSpace reports the user locked; POST /credentials/reset \
+                     once it is unlocked"
+                ));
+            } else if g.is_stopped() {
+                reasons.push(format!(
+                    "{what} stopped one attempt short of ThingSpace's lock; fix the credentials, \
+                     then POST /credentials/reset"
+                ));
+            } else if g.paused(now).is_some() {
+                reasons.push(format!("{what} paused after rejected credentials"));
+            } else if g.backoff_until.is_some_and(|u| u > now) {
+                reasons.push(format!("{what} backing off after failures"));
             }
         }
-        reasons
+        if self.upstream.cooldown_until().is_some() {
+            reasons.push("upstream is throttling (429 cooldown)".to_string());
+        }
+        if self.upstream.circuit_state() == CircuitState::Open {
+            reasons.push("upstream circuit is open".to_string());
+        }
+        Err(reasons)
     }
 
     /// `tokens` of `/status`: never a token value.
     pub fn status_json(&self) -> serde_json::Value {
         let now = Instant::now();
         let guard_json = |g: &Guard| {
-            (
-                g.failures,
-                g.paused_until
-                    .filter(|u| *u > now)
-                    .map(|u| rfc3339(self.wall(u))),
-                g.stopped,
-            )
+            serde_json::json!({
+                "failures": g.rejected,
+                "attempts": g.attempts,
+                "paused_until": g.paused(now).map(|u| rfc3339(self.wall(u))),
+                "stopped": g.is_stopped(),
+            })
         };
-        let (of, op, os) = guard_json(&lock(&self.oauth_guard));
-        let (sf, sp, ss) = guard_json(&lock(&self.session_guard));
+        let mut oauth_json = guard_json(&lock(&self.oauth_guard));
+        let mut session_json = guard_json(&lock(&self.session_guard));
         let oauth = self.valid_oauth(now);
         let session = self.session.load_full();
         let session_exp = session.as_ref().map(|s| self.session_expiry(s));
-        serde_json::json!({
-            "oauth": {
-                "held": oauth.is_some(),
-                "expires_at": oauth.map(|t| rfc3339(self.wall(t.expires_at))),
-                "failures": of,
-                "paused_until": op,
-                "stopped": os,
-            },
-            "session": {
-                "held": session_exp.is_some_and(|e| e > now),
-                "expires_at": session_exp.map(|e| rfc3339(self.wall(e))),
-                "failures": sf,
-                "paused_until": sp,
-                "stopped": ss,
-            },
-        })
+        oauth_json["held"] = oauth.is_some().into();
+        oauth_json["expires_at"] = oauth.map(|t| rfc3339(self.wall(t.expires_at))).into();
+        session_json["held"] = session_exp.is_some_and(|e| e > now).into();
+        session_json["expires_at"] = session_exp.map(|e| rfc3339(self.wall(e))).into();
+        serde_json::json!({"oauth": oauth_json, "session": session_json})
     }
 
     /// Refreshes the gauges that depend on the clock (called at scrape time).
@@ -75,7 +98,7 @@ impl TokenManager {
             ("session", &self.session_guard),
         ] {
             let g = lock(guard);
-            let paused = g.stopped || g.paused_until.is_some_and(|u| u > now);
+            let paused = g.is_stopped() || g.paused(now).is_some();
             self.metrics
                 .login_paused
                 .with_label_values(&[token])
@@ -95,5 +118,26 @@ impl TokenManager {
                 .with_label_values(&["oauth"])
                 .set(0.0);
         }
+    }
+
+    /// `POST /credentials/reset` (SPEC §7), for the configured username: `rejected` to 0,
+    /// `attempts` to 3 (one login before the stop again, so even a mistaken reset allows one
+    /// attempt, never two), the pause and the stop lifted. `Err` when the numbers could not be
+    /// stored (the next login is then refused too, as it cannot be recorded).
+    pub async fn reset_login_guard(&self) -> Result<(), String> {
+        {
+            let mut g = lock(&self.session_guard);
+            tracing::warn!(
+                rejected = g.rejected,
+                attempts = g.attempts,
+                stopped = g.is_stopped(),
+                "login guard reset on the admin API: {RESET_ATTEMPTS} attempts counted, one login \
+                 allowed before the stop"
+            );
+            g.reset();
+        }
+        let saved = self.save_session_guard().await;
+        self.wake.notify_one();
+        saved
     }
 }

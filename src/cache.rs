@@ -128,21 +128,46 @@ impl Entry {
         !self.is_negative() && self.age(now).saturating_sub(self.fresh_for) < w.stale_if_error
     }
 
-    /// True for the one caller that should start the background refresh.
-    pub fn claim_refresh(&self) -> bool {
+    /// The claim of the one caller that should start the background refresh. Dropping the
+    /// claim without [`RefreshClaim::refreshed`] (a failed refresh, or a task that died or was
+    /// dropped) lets the next request start another.
+    pub fn claim_refresh(self: &Arc<Self>) -> Option<RefreshClaim> {
         self.refreshing
             .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
-    }
-
-    pub fn release_refresh(&self) {
-        self.refreshing.store(false, Ordering::Release);
+            .then(|| RefreshClaim {
+                entry: self.clone(),
+                replaced: false,
+            })
     }
 
     /// The weight counted against `cache.max_bytes`.
     pub fn weight(&self) -> u32 {
         let n = self.body.len() + self.gzip.as_ref().map_or(0, Bytes::len) + ENTRY_OVERHEAD;
         u32::try_from(n).unwrap_or(u32::MAX)
+    }
+}
+
+/// Held by the one background refresh of a stale entry; see [`Entry::claim_refresh`].
+#[derive(Debug)]
+pub struct RefreshClaim {
+    entry: Arc<Entry>,
+    replaced: bool,
+}
+
+impl RefreshClaim {
+    /// The refresh stored a new entry: this one stays claimed, so requests still holding it
+    /// start no second refresh.
+    pub fn refreshed(mut self) {
+        self.replaced = true;
+    }
+}
+
+impl Drop for RefreshClaim {
+    fn drop(&mut self) {
+        if !self.replaced {
+            self.entry.refreshing.store(false, Ordering::Release);
+        }
     }
 }
 
@@ -316,17 +341,22 @@ impl PageCache {
                 None => {
                     let (tx, rx) = watch::channel(None);
                     map.insert(key.clone(), rx.clone());
-                    let this = self.clone();
+                    let flight = Flight {
+                        cache: self.clone(),
+                        key,
+                        rx: rx.clone(),
+                        tx: Some(tx),
+                    };
                     tokio::spawn(async move {
                         let result = fetch.await;
                         if let Ok(entry) = &result {
-                            this.store.insert(key.clone(), entry.clone()).await;
+                            flight
+                                .cache
+                                .store
+                                .insert(flight.key.clone(), entry.clone())
+                                .await;
                         }
-                        this.inflight
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .remove(&key);
-                        tx.send_replace(Some(result));
+                        flight.land(result);
                     });
                     (rx, Join::Leader)
                 }
@@ -335,11 +365,63 @@ impl PageCache {
         let waited = tokio::time::timeout_at(deadline, rx.wait_for(Option::is_some)).await;
         let result = match waited {
             Ok(Ok(v)) => v.clone().unwrap_or(Err(GatewayError::UpstreamTimeout)),
-            // The fetch task died without answering (a panic): report it as an upstream failure.
-            Ok(Err(_)) => Err(GatewayError::BadGateway("upstream fetch failed".into())),
+            // Not expected: a `Flight` always answers before its channel closes.
+            Ok(Err(_)) => Err(fetch_died()),
             Err(_) => Err(GatewayError::UpstreamTimeout),
         };
         (result, join)
+    }
+}
+
+fn fetch_died() -> GatewayError {
+    GatewayError::BadGateway("upstream fetch failed".into())
+}
+
+/// One fetch in the in-flight map. However its task ends (an answer, a panic, or the runtime
+/// dropping it) the key leaves the map and the waiters get an answer, so the next request for
+/// the key starts a fresh fetch instead of waiting on a dead one.
+struct Flight {
+    cache: Arc<PageCache>,
+    key: Key,
+    rx: watch::Receiver<Outcome>,
+    tx: Option<watch::Sender<Outcome>>,
+}
+
+impl Flight {
+    fn land(mut self, result: Result<Arc<Entry>, GatewayError>) {
+        self.finish(result);
+    }
+
+    fn finish(&mut self, result: Result<Arc<Entry>, GatewayError>) {
+        let Some(tx) = self.tx.take() else { return };
+        {
+            let mut map = self
+                .cache
+                .inflight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if map
+                .get(&self.key)
+                .is_some_and(|rx| rx.same_channel(&self.rx))
+            {
+                map.remove(&self.key);
+            }
+        }
+        tx.send_replace(Some(result));
+    }
+}
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        if self.tx.is_some() {
+            if std::thread::panicking() {
+                tracing::error!("an upstream fetch panicked; its waiters get 502");
+            } else {
+                // The runtime is shutting down and dropped the task.
+                tracing::debug!("an upstream fetch was dropped before it answered");
+            }
+            self.finish(Err(fetch_died()));
+        }
     }
 }
 
@@ -437,6 +519,83 @@ mod tests {
         let (entries, bytes) = store.size().await;
         assert!(bytes <= 64 * 1024, "{bytes}");
         assert!(entries > 0 && entries < 160);
+    }
+
+    fn page_key() -> Key {
+        Key {
+            kind: Kind::Page,
+            account: "a".into(),
+            index: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refresh_claim_is_given_back_unless_the_entry_was_replaced() {
+        let e = entry(200, b"{}", 1);
+        let claim = e.claim_refresh().expect("first claim");
+        assert!(e.claim_refresh().is_none(), "one refresh at a time");
+        drop(claim);
+        // A refresh task that fails, panics or is dropped gives the claim back.
+        let task = tokio::spawn({
+            let claim = e.claim_refresh().expect("claimed again");
+            async move {
+                let _claim = claim;
+                panic!("refresh task dies");
+            }
+        });
+        assert!(task.await.unwrap_err().is_panic());
+        let claim = e.claim_refresh().expect("given back by the dead task");
+        claim.refreshed();
+        assert!(
+            e.claim_refresh().is_none(),
+            "a replaced entry stays claimed"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_fetch_that_panics_answers_its_waiters_and_frees_the_key() {
+        let cache = Arc::new(PageCache::new(
+            Arc::new(MokaStore::new(1 << 20, windows())),
+            windows(),
+            1 << 20,
+            Duration::from_secs(60),
+        ));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let (gate_tx, gate_rx) = tokio::sync::oneshot::channel::<()>();
+        let leader = tokio::spawn({
+            let cache = cache.clone();
+            async move {
+                cache
+                    .fetch(page_key(), deadline, async move {
+                        let _ = gate_rx.await;
+                        panic!("the budget panicked");
+                    })
+                    .await
+            }
+        });
+        tokio::task::yield_now().await;
+        let waiter = tokio::spawn({
+            let cache = cache.clone();
+            async move {
+                cache
+                    .fetch(page_key(), deadline, async { unreachable!("coalesced") })
+                    .await
+            }
+        });
+        tokio::task::yield_now().await;
+        gate_tx.send(()).unwrap();
+        for (task, join) in [(leader, Join::Leader), (waiter, Join::Coalesced)] {
+            let (result, joined) = task.await.unwrap();
+            assert_eq!(joined, join);
+            assert_eq!(result.unwrap_err().error_code(), "GW_BAD_GATEWAY");
+        }
+        // The next request for the key fetches again.
+        let (result, join) = cache
+            .fetch(page_key(), deadline, async { Ok(entry(200, b"{}", 60)) })
+            .await;
+        assert_eq!(join, Join::Leader);
+        assert!(result.is_ok());
+        assert!(cache.store.get(&page_key()).await.is_some());
     }
 
     #[tokio::test]

@@ -146,6 +146,17 @@ impl Entry {
         let n = self.body.len() + self.gzip.as_ref().map_or(0, Bytes::len) + ENTRY_OVERHEAD;
         u32::try_from(n).unwrap_or(u32::MAX)
     }
+
+    /// How long the store should keep this entry from now: its fresh time plus the longer
+    /// stale window, counted from its own fetch time (negative answers are never served stale).
+    pub fn keep_for(&self, w: &Windows, now: Instant) -> Duration {
+        let keep = if self.is_negative() {
+            Duration::ZERO
+        } else {
+            w.stale_while_revalidate.max(w.stale_if_error)
+        };
+        (self.fresh_for + keep).saturating_sub(self.age(now))
+    }
 }
 
 /// Held by the one background refresh of a stale entry; see [`Entry::claim_refresh`].
@@ -204,6 +215,9 @@ pub trait CacheStore: Send + Sync + 'static {
     fn size(&self) -> StoreFuture<'_, (u64, u64)>;
 }
 
+/// Every insert and every replace keeps the entry for its own lifetime, counted from its own
+/// fetch time. (moka's default for a replace keeps the first insert's deadline: a page refreshed
+/// in the background would vanish that long after its first fetch, taking its stale copy.)
 struct EntryExpiry {
     windows: Windows,
 }
@@ -215,14 +229,17 @@ impl moka::Expiry<Key, Arc<Entry>> for EntryExpiry {
         v: &Arc<Entry>,
         _at: std::time::Instant,
     ) -> Option<Duration> {
-        let keep = if v.is_negative() {
-            Duration::ZERO
-        } else {
-            self.windows
-                .stale_while_revalidate
-                .max(self.windows.stale_if_error)
-        };
-        Some(v.fresh_for + keep)
+        Some(v.keep_for(&self.windows, Instant::now()))
+    }
+
+    fn expire_after_update(
+        &self,
+        _k: &Key,
+        v: &Arc<Entry>,
+        _at: std::time::Instant,
+        _until_now: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(v.keep_for(&self.windows, Instant::now()))
     }
 }
 
@@ -527,6 +544,67 @@ mod tests {
             account: "a".into(),
             index: 0,
         }
+    }
+
+    /// The reproduction of issue 13 item 4 (ttl 1 s, swr 1 s, sie 4 s, refreshed at 1.3, 2.6
+    /// and 3.9 s): a replace keeps the new entry for its own lifetime, not the first insert's.
+    #[tokio::test(start_paused = true)]
+    async fn a_replaced_entry_expires_from_its_own_fetch_time() {
+        use moka::Expiry;
+        let expiry = EntryExpiry {
+            windows: Windows {
+                stale_while_revalidate: Duration::from_secs(1),
+                stale_if_error: Duration::from_secs(4),
+            },
+        };
+        let at = std::time::Instant::now();
+        let first = entry(200, b"{}", 1);
+        assert_eq!(
+            expiry.expire_after_create(&page_key(), &first, at),
+            Some(Duration::from_secs(5))
+        );
+        for refreshed in [1300, 2600, 3900] {
+            tokio::time::advance(Duration::from_millis(1300)).await;
+            let now = entry(200, b"{}", 1);
+            // moka passes what is left of the first insert's 5 s.
+            let left = Duration::from_millis(5000 - refreshed);
+            assert_eq!(
+                expiry.expire_after_update(&page_key(), &now, at, Some(left)),
+                Some(Duration::from_secs(5)),
+                "refreshed at {refreshed} ms"
+            );
+        }
+        // Counted from the fetch, not from the insert: fetched at 3.9 s, stored at 4.4 s.
+        let fetched = entry(200, b"{}", 1);
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert_eq!(
+            expiry.expire_after_update(&page_key(), &fetched, at, Some(Duration::ZERO)),
+            Some(Duration::from_millis(4500))
+        );
+        // Negative answers live for their own fresh time only.
+        let negative = entry(400, b"{}", 30);
+        assert_eq!(
+            expiry.expire_after_update(&page_key(), &negative, at, Some(Duration::from_secs(1))),
+            Some(Duration::from_secs(30))
+        );
+    }
+
+    /// Through moka itself (whose clock is real time, so the test cannot wait for a deadline):
+    /// a replace whose own lifetime is already over must not inherit the first entry's.
+    #[tokio::test(start_paused = true)]
+    async fn moka_applies_the_replacing_entrys_lifetime() {
+        let store = MokaStore::new(1 << 20, windows());
+        // Fetched at 0 with 300 s fresh + 3600 s stale-if-error, stored 3901 s later (as a
+        // shared store may hold it): nothing of its lifetime is left.
+        let old = entry(200, b"{\"v\":1}", 300);
+        tokio::time::advance(Duration::from_secs(3901)).await;
+        store.insert(page_key(), entry(200, b"{}", 300)).await;
+        assert!(store.get(&page_key()).await.is_some());
+        store.insert(page_key(), old).await;
+        assert!(
+            store.get(&page_key()).await.is_none(),
+            "kept past its own lifetime"
+        );
     }
 
     #[tokio::test]

@@ -2,7 +2,10 @@
 //! windows counted from the fetch time, and coalescing of concurrent misses.
 //!
 //! [`CacheStore`] is the seam for a shared L2 store; [`MokaStore`] is the in-process default,
-//! weighed by stored bytes and bounded by `cache.max_bytes`.
+//! weighed by stored bytes and bounded by `cache.max_bytes`. [`page::PageIndex`] is what the
+//! whole-account endpoints need from a stored page, found once per entry.
+
+pub mod page;
 
 use crate::error::GatewayError;
 use bytes::Bytes;
@@ -13,7 +16,7 @@ use std::future::Future;
 use std::io::Write;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -51,6 +54,9 @@ pub struct Entry {
     pub fresh_for: Duration,
     /// One background refresh at a time while stale.
     refreshing: AtomicBool,
+    /// A 200 license page read once, the first time a walk or a device lookup needs it
+    /// (`None` inside when the page is not in the documented shape).
+    page: OnceLock<Option<Arc<page::PageIndex>>>,
 }
 
 /// Where an entry stands at one moment.
@@ -95,7 +101,15 @@ impl Entry {
             fetched_at,
             fresh_for,
             refreshing: AtomicBool::new(false),
+            page: OnceLock::new(),
         }
+    }
+
+    /// The page's index for walks and lookups, parsed on first use only.
+    pub fn page_index(&self) -> Option<&Arc<page::PageIndex>> {
+        self.page
+            .get_or_init(|| page::PageIndex::parse(&self.body).map(Arc::new))
+            .as_ref()
     }
 
     pub fn is_negative(&self) -> bool {
@@ -141,9 +155,15 @@ impl Entry {
             })
     }
 
-    /// The weight counted against `cache.max_bytes`.
+    /// The weight counted against `cache.max_bytes`: the bodies, bookkeeping, and room for the
+    /// page index a walk may add.
     pub fn weight(&self) -> u32 {
-        let n = self.body.len() + self.gzip.as_ref().map_or(0, Bytes::len) + ENTRY_OVERHEAD;
+        let index = if self.status.is_success() {
+            page::PageIndex::extra_bytes_bound(self.body.len())
+        } else {
+            0
+        };
+        let n = self.body.len() + self.gzip.as_ref().map_or(0, Bytes::len) + ENTRY_OVERHEAD + index;
         u32::try_from(n).unwrap_or(u32::MAX)
     }
 

@@ -259,10 +259,17 @@ impl Drop for Waiting<'_> {
 }
 
 impl LocalBudget {
+    /// Any numbers are safe here (config validation bounds them): a rate that is not a positive
+    /// number grants nothing beyond the burst.
     pub fn new(rate_per_second: f64, burst: u32, max_concurrent: usize) -> Self {
+        let rate = if rate_per_second > 0.0 {
+            rate_per_second.min(f64::MAX)
+        } else {
+            0.0
+        };
         Self {
             shared: Arc::new(Shared {
-                rate: rate_per_second,
+                rate,
                 burst: f64::from(burst),
                 state: Mutex::new(State {
                     tokens: f64::from(burst),
@@ -343,6 +350,32 @@ mod tests {
         // 20 at once, then 10 per second for 5 s.
         assert_eq!(granted, 70);
         assert!(Instant::now() <= deadline);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn extreme_rates_do_not_panic() {
+        let deadline = || Instant::now() + Duration::from_secs(5);
+        for rate in [1e-20, 0.0, -1.0, f64::NAN, f64::MIN_POSITIVE] {
+            let b = LocalBudget::new(rate, 1, 4);
+            assert!(
+                b.acquire("", deadline()).await.is_some(),
+                "the burst, at {rate}"
+            );
+            assert!(
+                b.acquire("", deadline()).await.is_none(),
+                "nothing more, at {rate}"
+            );
+            tokio::time::advance(Duration::from_secs(3600)).await;
+            assert!(b.available() < 1.0);
+        }
+        for rate in [1e12, 1e300, f64::MAX, f64::INFINITY] {
+            let b = LocalBudget::new(rate, 1_000_000, usize::MAX);
+            for _ in 0..3 {
+                assert!(b.acquire("", deadline()).await.is_some(), "at {rate}");
+            }
+            tokio::time::advance(Duration::from_millis(1)).await;
+            assert_eq!(b.available(), 1_000_000.0);
+        }
     }
 
     #[tokio::test(start_paused = true)]

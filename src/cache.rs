@@ -2,7 +2,10 @@
 //! windows counted from the fetch time, and coalescing of concurrent misses.
 //!
 //! [`CacheStore`] is the seam for a shared L2 store; [`MokaStore`] is the in-process default,
-//! weighed by stored bytes and bounded by `cache.max_bytes`.
+//! weighed by stored bytes and bounded by `cache.max_bytes`. [`page::PageIndex`] is what the
+//! whole-account endpoints need from a stored page, found once per entry.
+
+pub mod page;
 
 use crate::error::GatewayError;
 use bytes::Bytes;
@@ -13,7 +16,7 @@ use std::future::Future;
 use std::io::Write;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -51,6 +54,9 @@ pub struct Entry {
     pub fresh_for: Duration,
     /// One background refresh at a time while stale.
     refreshing: AtomicBool,
+    /// A 200 license page read once, the first time a walk or a device lookup needs it
+    /// (`None` inside when the page is not in the documented shape).
+    page: OnceLock<Option<Arc<page::PageIndex>>>,
 }
 
 /// Where an entry stands at one moment.
@@ -95,7 +101,15 @@ impl Entry {
             fetched_at,
             fresh_for,
             refreshing: AtomicBool::new(false),
+            page: OnceLock::new(),
         }
+    }
+
+    /// The page's index for walks and lookups, parsed on first use only.
+    pub fn page_index(&self) -> Option<&Arc<page::PageIndex>> {
+        self.page
+            .get_or_init(|| page::PageIndex::parse(&self.body).map(Arc::new))
+            .as_ref()
     }
 
     pub fn is_negative(&self) -> bool {
@@ -128,21 +142,63 @@ impl Entry {
         !self.is_negative() && self.age(now).saturating_sub(self.fresh_for) < w.stale_if_error
     }
 
-    /// True for the one caller that should start the background refresh.
-    pub fn claim_refresh(&self) -> bool {
+    /// The claim of the one caller that should start the background refresh. Dropping the
+    /// claim without [`RefreshClaim::refreshed`] (a failed refresh, or a task that died or was
+    /// dropped) lets the next request start another.
+    pub fn claim_refresh(self: &Arc<Self>) -> Option<RefreshClaim> {
         self.refreshing
             .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
+            .then(|| RefreshClaim {
+                entry: self.clone(),
+                replaced: false,
+            })
     }
 
-    pub fn release_refresh(&self) {
-        self.refreshing.store(false, Ordering::Release);
-    }
-
-    /// The weight counted against `cache.max_bytes`.
+    /// The weight counted against `cache.max_bytes`: the bodies, bookkeeping, and room for the
+    /// page index a walk may add.
     pub fn weight(&self) -> u32 {
-        let n = self.body.len() + self.gzip.as_ref().map_or(0, Bytes::len) + ENTRY_OVERHEAD;
+        let index = if self.status.is_success() {
+            page::PageIndex::extra_bytes_bound(self.body.len())
+        } else {
+            0
+        };
+        let n = self.body.len() + self.gzip.as_ref().map_or(0, Bytes::len) + ENTRY_OVERHEAD + index;
         u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
+    /// How long the store should keep this entry from now: its fresh time plus the longer
+    /// stale window, counted from its own fetch time (negative answers are never served stale).
+    pub fn keep_for(&self, w: &Windows, now: Instant) -> Duration {
+        let keep = if self.is_negative() {
+            Duration::ZERO
+        } else {
+            w.stale_while_revalidate.max(w.stale_if_error)
+        };
+        (self.fresh_for + keep).saturating_sub(self.age(now))
+    }
+}
+
+/// Held by the one background refresh of a stale entry; see [`Entry::claim_refresh`].
+#[derive(Debug)]
+pub struct RefreshClaim {
+    entry: Arc<Entry>,
+    replaced: bool,
+}
+
+impl RefreshClaim {
+    /// The refresh stored a new entry: this one stays claimed, so requests still holding it
+    /// start no second refresh.
+    pub fn refreshed(mut self) {
+        self.replaced = true;
+    }
+}
+
+impl Drop for RefreshClaim {
+    fn drop(&mut self) {
+        if !self.replaced {
+            self.entry.refreshing.store(false, Ordering::Release);
+        }
     }
 }
 
@@ -179,6 +235,9 @@ pub trait CacheStore: Send + Sync + 'static {
     fn size(&self) -> StoreFuture<'_, (u64, u64)>;
 }
 
+/// Every insert and every replace keeps the entry for its own lifetime, counted from its own
+/// fetch time. (moka's default for a replace keeps the first insert's deadline: a page refreshed
+/// in the background would vanish that long after its first fetch, taking its stale copy.)
 struct EntryExpiry {
     windows: Windows,
 }
@@ -190,14 +249,17 @@ impl moka::Expiry<Key, Arc<Entry>> for EntryExpiry {
         v: &Arc<Entry>,
         _at: std::time::Instant,
     ) -> Option<Duration> {
-        let keep = if v.is_negative() {
-            Duration::ZERO
-        } else {
-            self.windows
-                .stale_while_revalidate
-                .max(self.windows.stale_if_error)
-        };
-        Some(v.fresh_for + keep)
+        Some(v.keep_for(&self.windows, Instant::now()))
+    }
+
+    fn expire_after_update(
+        &self,
+        _k: &Key,
+        v: &Arc<Entry>,
+        _at: std::time::Instant,
+        _until_now: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(v.keep_for(&self.windows, Instant::now()))
     }
 }
 
@@ -316,17 +378,22 @@ impl PageCache {
                 None => {
                     let (tx, rx) = watch::channel(None);
                     map.insert(key.clone(), rx.clone());
-                    let this = self.clone();
+                    let flight = Flight {
+                        cache: self.clone(),
+                        key,
+                        rx: rx.clone(),
+                        tx: Some(tx),
+                    };
                     tokio::spawn(async move {
                         let result = fetch.await;
                         if let Ok(entry) = &result {
-                            this.store.insert(key.clone(), entry.clone()).await;
+                            flight
+                                .cache
+                                .store
+                                .insert(flight.key.clone(), entry.clone())
+                                .await;
                         }
-                        this.inflight
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .remove(&key);
-                        tx.send_replace(Some(result));
+                        flight.land(result);
                     });
                     (rx, Join::Leader)
                 }
@@ -335,11 +402,63 @@ impl PageCache {
         let waited = tokio::time::timeout_at(deadline, rx.wait_for(Option::is_some)).await;
         let result = match waited {
             Ok(Ok(v)) => v.clone().unwrap_or(Err(GatewayError::UpstreamTimeout)),
-            // The fetch task died without answering (a panic): report it as an upstream failure.
-            Ok(Err(_)) => Err(GatewayError::BadGateway("upstream fetch failed".into())),
+            // Not expected: a `Flight` always answers before its channel closes.
+            Ok(Err(_)) => Err(fetch_died()),
             Err(_) => Err(GatewayError::UpstreamTimeout),
         };
         (result, join)
+    }
+}
+
+fn fetch_died() -> GatewayError {
+    GatewayError::BadGateway("upstream fetch failed".into())
+}
+
+/// One fetch in the in-flight map. However its task ends (an answer, a panic, or the runtime
+/// dropping it) the key leaves the map and the waiters get an answer, so the next request for
+/// the key starts a fresh fetch instead of waiting on a dead one.
+struct Flight {
+    cache: Arc<PageCache>,
+    key: Key,
+    rx: watch::Receiver<Outcome>,
+    tx: Option<watch::Sender<Outcome>>,
+}
+
+impl Flight {
+    fn land(mut self, result: Result<Arc<Entry>, GatewayError>) {
+        self.finish(result);
+    }
+
+    fn finish(&mut self, result: Result<Arc<Entry>, GatewayError>) {
+        let Some(tx) = self.tx.take() else { return };
+        {
+            let mut map = self
+                .cache
+                .inflight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if map
+                .get(&self.key)
+                .is_some_and(|rx| rx.same_channel(&self.rx))
+            {
+                map.remove(&self.key);
+            }
+        }
+        tx.send_replace(Some(result));
+    }
+}
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        if self.tx.is_some() {
+            if std::thread::panicking() {
+                tracing::error!("an upstream fetch panicked; its waiters get 502");
+            } else {
+                // The runtime is shutting down and dropped the task.
+                tracing::debug!("an upstream fetch was dropped before it answered");
+            }
+            self.finish(Err(fetch_died()));
+        }
     }
 }
 
@@ -437,6 +556,144 @@ mod tests {
         let (entries, bytes) = store.size().await;
         assert!(bytes <= 64 * 1024, "{bytes}");
         assert!(entries > 0 && entries < 160);
+    }
+
+    fn page_key() -> Key {
+        Key {
+            kind: Kind::Page,
+            account: "a".into(),
+            index: 0,
+        }
+    }
+
+    /// The reproduction of issue 13 item 4 (ttl 1 s, swr 1 s, sie 4 s, refreshed at 1.3, 2.6
+    /// and 3.9 s): a replace keeps the new entry for its own lifetime, not the first insert's.
+    #[tokio::test(start_paused = true)]
+    async fn a_replaced_entry_expires_from_its_own_fetch_time() {
+        use moka::Expiry;
+        let expiry = EntryExpiry {
+            windows: Windows {
+                stale_while_revalidate: Duration::from_secs(1),
+                stale_if_error: Duration::from_secs(4),
+            },
+        };
+        let at = std::time::Instant::now();
+        let first = entry(200, b"{}", 1);
+        assert_eq!(
+            expiry.expire_after_create(&page_key(), &first, at),
+            Some(Duration::from_secs(5))
+        );
+        for refreshed in [1300, 2600, 3900] {
+            tokio::time::advance(Duration::from_millis(1300)).await;
+            let now = entry(200, b"{}", 1);
+            // moka passes what is left of the first insert's 5 s.
+            let left = Duration::from_millis(5000 - refreshed);
+            assert_eq!(
+                expiry.expire_after_update(&page_key(), &now, at, Some(left)),
+                Some(Duration::from_secs(5)),
+                "refreshed at {refreshed} ms"
+            );
+        }
+        // Counted from the fetch, not from the insert: fetched at 3.9 s, stored at 4.4 s.
+        let fetched = entry(200, b"{}", 1);
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert_eq!(
+            expiry.expire_after_update(&page_key(), &fetched, at, Some(Duration::ZERO)),
+            Some(Duration::from_millis(4500))
+        );
+        // Negative answers live for their own fresh time only.
+        let negative = entry(400, b"{}", 30);
+        assert_eq!(
+            expiry.expire_after_update(&page_key(), &negative, at, Some(Duration::from_secs(1))),
+            Some(Duration::from_secs(30))
+        );
+    }
+
+    /// Through moka itself (whose clock is real time, so the test cannot wait for a deadline):
+    /// a replace whose own lifetime is already over must not inherit the first entry's.
+    #[tokio::test(start_paused = true)]
+    async fn moka_applies_the_replacing_entrys_lifetime() {
+        let store = MokaStore::new(1 << 20, windows());
+        // Fetched at 0 with 300 s fresh + 3600 s stale-if-error, stored 3901 s later (as a
+        // shared store may hold it): nothing of its lifetime is left.
+        let old = entry(200, b"{\"v\":1}", 300);
+        tokio::time::advance(Duration::from_secs(3901)).await;
+        store.insert(page_key(), entry(200, b"{}", 300)).await;
+        assert!(store.get(&page_key()).await.is_some());
+        store.insert(page_key(), old).await;
+        assert!(
+            store.get(&page_key()).await.is_none(),
+            "kept past its own lifetime"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refresh_claim_is_given_back_unless_the_entry_was_replaced() {
+        let e = entry(200, b"{}", 1);
+        let claim = e.claim_refresh().expect("first claim");
+        assert!(e.claim_refresh().is_none(), "one refresh at a time");
+        drop(claim);
+        // A refresh task that fails, panics or is dropped gives the claim back.
+        let task = tokio::spawn({
+            let claim = e.claim_refresh().expect("claimed again");
+            async move {
+                let _claim = claim;
+                panic!("refresh task dies");
+            }
+        });
+        assert!(task.await.unwrap_err().is_panic());
+        let claim = e.claim_refresh().expect("given back by the dead task");
+        claim.refreshed();
+        assert!(
+            e.claim_refresh().is_none(),
+            "a replaced entry stays claimed"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_fetch_that_panics_answers_its_waiters_and_frees_the_key() {
+        let cache = Arc::new(PageCache::new(
+            Arc::new(MokaStore::new(1 << 20, windows())),
+            windows(),
+            1 << 20,
+            Duration::from_secs(60),
+        ));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let (gate_tx, gate_rx) = tokio::sync::oneshot::channel::<()>();
+        let leader = tokio::spawn({
+            let cache = cache.clone();
+            async move {
+                cache
+                    .fetch(page_key(), deadline, async move {
+                        let _ = gate_rx.await;
+                        panic!("the budget panicked");
+                    })
+                    .await
+            }
+        });
+        tokio::task::yield_now().await;
+        let waiter = tokio::spawn({
+            let cache = cache.clone();
+            async move {
+                cache
+                    .fetch(page_key(), deadline, async { unreachable!("coalesced") })
+                    .await
+            }
+        });
+        tokio::task::yield_now().await;
+        gate_tx.send(()).unwrap();
+        for (task, join) in [(leader, Join::Leader), (waiter, Join::Coalesced)] {
+            let (result, joined) = task.await.unwrap();
+            assert_eq!(joined, join);
+            assert_eq!(result.unwrap_err().error_code(), "GW_BAD_GATEWAY");
+        }
+        // The next request for the key fetches again.
+        let (result, join) = cache
+            .fetch(page_key(), deadline, async { Ok(entry(200, b"{}", 60)) })
+            .await;
+        assert_eq!(join, Join::Leader);
+        assert!(result.is_ok());
+        assert!(cache.store.get(&page_key()).await.is_some());
     }
 
     #[tokio::test]

@@ -26,13 +26,17 @@ impl CircuitState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Admission {
     pub probe: bool,
+    /// Which probe this is (0 for ordinary attempts), so a late release frees only its own.
+    ticket: u64,
 }
 
 #[derive(Default)]
 struct State {
     failures: u32,
     open_until: Option<Instant>,
-    probing: bool,
+    /// The ticket of the probe in flight, if one is.
+    probing: Option<u64>,
+    tickets: u64,
 }
 
 pub struct Circuit {
@@ -67,24 +71,50 @@ impl Circuit {
     pub fn admit(&self) -> Result<Admission, Duration> {
         let mut s = self.lock();
         let Some(until) = s.open_until else {
-            return Ok(Admission { probe: false });
+            return Ok(Admission {
+                probe: false,
+                ticket: 0,
+            });
         };
         let now = Instant::now();
         if now < until {
             return Err(until - now);
         }
-        if s.probing {
+        if s.probing.is_some() {
             return Err(Duration::from_secs(1));
         }
-        s.probing = true;
-        Ok(Admission { probe: true })
+        s.tickets += 1;
+        s.probing = Some(s.tickets);
+        Ok(Admission {
+            probe: true,
+            ticket: s.tickets,
+        })
+    }
+
+    /// Guards an admission: a probe whose attempt ends without [`Circuit::record`] (its task
+    /// panicked, or its future was dropped mid-flight) is given back when the guard drops, so
+    /// the next request probes instead of the circuit staying half-open for good.
+    pub fn guard(&self, admission: Admission) -> ProbeGuard<'_> {
+        ProbeGuard {
+            circuit: self,
+            admission,
+        }
+    }
+
+    fn release_probe(&self, admission: Admission) {
+        if admission.probe {
+            let mut s = self.lock();
+            if s.probing == Some(admission.ticket) {
+                s.probing = None;
+            }
+        }
     }
 
     /// Records an attempt; returns `Some(open)` when the circuit changed between open and closed.
     pub fn record(&self, admission: Admission, outcome: Outcome) -> Option<bool> {
         let mut s = self.lock();
-        if admission.probe {
-            s.probing = false;
+        if admission.probe && s.probing == Some(admission.ticket) {
+            s.probing = None;
         }
         let was_open = s.open_until.is_some();
         match outcome {
@@ -114,6 +144,19 @@ impl Circuit {
     }
 }
 
+/// See [`Circuit::guard`]. Releasing after `record` is harmless: the probe is already given
+/// back, and a newer probe has another ticket.
+pub struct ProbeGuard<'a> {
+    circuit: &'a Circuit,
+    admission: Admission,
+}
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        self.circuit.release_probe(self.admission);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,7 +164,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn opens_probes_and_closes() {
         let c = Circuit::new(3, Duration::from_secs(10));
-        let normal = Admission { probe: false };
+        let normal = Admission {
+            probe: false,
+            ticket: 0,
+        };
         for _ in 0..2 {
             assert_eq!(c.record(c.admit().unwrap(), Outcome::Failure), None);
         }
@@ -141,6 +187,30 @@ mod tests {
         assert_eq!(c.record(probe, Outcome::Success), Some(false));
         assert_eq!(c.state(), CircuitState::Closed);
         assert_eq!(c.admit(), Ok(normal));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_that_dies_is_given_back() {
+        let c = Circuit::new(1, Duration::from_secs(10));
+        c.record(c.admit().unwrap(), Outcome::Failure);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let probe = c.admit().unwrap();
+        assert!(probe.probe);
+        {
+            let _guard = c.guard(probe);
+            assert!(c.admit().is_err(), "one probe at a time");
+            // The attempt's future is dropped here without an outcome.
+        }
+        assert_eq!(c.state(), CircuitState::HalfOpen);
+        let again = c.admit().expect("a new probe after the first one died");
+        assert!(again.probe);
+        // A stale guard of the first probe does not free the second.
+        drop(c.guard(probe));
+        assert!(c.admit().is_err(), "the second probe is still in flight");
+        let guard = c.guard(again);
+        assert_eq!(c.record(again, Outcome::Success), Some(false));
+        drop(guard);
+        assert_eq!(c.state(), CircuitState::Closed);
     }
 
     #[tokio::test(start_paused = true)]

@@ -184,6 +184,8 @@ impl Upstream {
                         retry_after,
                         message: "upstream circuit is open after repeated failures; retry later",
                     })?;
+            // Gives a half-open probe back if this attempt panics or is dropped mid-flight.
+            let _probe = self.circuit.guard(admission);
             let budget_deadline = deadline.min(Instant::now() + self.settings.max_queue_wait);
             let Some(_permit) = self.budget.acquire(client, budget_deadline).await else {
                 // Not an attempt: give the probe back without an outcome.

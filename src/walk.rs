@@ -1,84 +1,22 @@
 //! Whole-account endpoints: every page walked from index 0 through the cache (so concurrent
 //! walks share pages), merged into one document whose device list is the pages' own bytes.
+//! Each stored page is read once, into its [`PageIndex`]; a warm walk or lookup parses no page.
 
 use crate::app::Gateway;
+use crate::cache::page::PageIndex;
 use crate::cache::{Entry, Key, Kind};
 use crate::error::GatewayError;
 use crate::proxy::{entry_response, CacheResult, Ctx};
 use crate::respond::Body;
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
-use serde::Deserialize;
-use serde_json::value::RawValue;
 use std::sync::Arc;
 use tokio::time::Instant;
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct PageHead<'a> {
-    #[serde(borrow)]
-    account_name: &'a RawValue,
-    #[serde(borrow)]
-    total_licenses: &'a RawValue,
-    #[serde(borrow)]
-    assigned_licenses: &'a RawValue,
-    #[serde(default)]
-    has_more_data: bool,
-    #[serde(default)]
-    last_seen_device_id: u64,
-    #[serde(borrow)]
-    device_list: DeviceSpan<'a>,
-}
-
-/// The device list seen without collecting it: how many devices, and the first and last
-/// device's raw JSON (whose positions delimit the list's bytes in the page).
-#[derive(Default)]
-struct DeviceSpan<'a> {
-    count: usize,
-    first: Option<&'a RawValue>,
-    last: Option<&'a RawValue>,
-}
-
-impl<'de: 'a, 'a> Deserialize<'de> for DeviceSpan<'a> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visit<'a>(std::marker::PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visit<'a> {
-            type Value = DeviceSpan<'a>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("an array of devices")
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<Self::Value, A::Error> {
-                let mut span = DeviceSpan::default();
-                while let Some(d) = seq.next_element::<&'de RawValue>()? {
-                    span.first.get_or_insert(d);
-                    span.last = Some(d);
-                    span.count += 1;
-                }
-                Ok(span)
-            }
-        }
-        d.deserialize_seq(Visit(std::marker::PhantomData))
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Device<'a> {
-    device_id: std::borrow::Cow<'a, str>,
-    #[serde(borrow, default)]
-    assignment_time: Option<&'a RawValue>,
-}
-
-/// A walked account: its pages in cursor order, each parsed once during the walk.
+/// A walked account: its pages in cursor order, with their indexes.
 struct Walk {
     pages: Vec<Arc<Entry>>,
-    /// Per page: the device objects' bytes (a slice of the cached page) and how many.
-    devices: Vec<(Bytes, usize)>,
-    /// `{"accountName":…,"totalLicenses":…,"assignedLicenses":…,` from the first page.
-    header_fields: String,
+    indexes: Vec<Arc<PageIndex>>,
     /// The worst cache result among the pages (any STALE → STALE, else any MISS → MISS).
     result: CacheResult,
 }
@@ -93,12 +31,6 @@ fn bad_page() -> GatewayError {
     GatewayError::BadGateway("upstream license page is not in the documented shape".into())
 }
 
-/// The byte offset of `inner` inside `outer` (both from the same buffer).
-fn offset_in(outer: &Bytes, inner: &str) -> Option<usize> {
-    let start = (inner.as_ptr() as usize).checked_sub(outer.as_ptr() as usize)?;
-    (start + inner.len() <= outer.len()).then_some(start)
-}
-
 fn worse(a: CacheResult, b: CacheResult) -> CacheResult {
     use CacheResult::*;
     match (a, b) {
@@ -110,10 +42,10 @@ fn worse(a: CacheResult, b: CacheResult) -> CacheResult {
 
 async fn walk(g: &Arc<Gateway>, account: &str, ctx: &Ctx) -> Result<Walked, GatewayError> {
     let mut pages = Vec::new();
-    let mut devices = Vec::new();
-    let mut header_fields = String::new();
+    let mut indexes = Vec::new();
     let mut result = CacheResult::Hit;
     let mut index = 0u64;
+    let account: Arc<str> = account.into();
     loop {
         if pages.len() >= g.cfg.upstream.max_walk_pages {
             return Err(GatewayError::BadGateway(format!(
@@ -123,7 +55,7 @@ async fn walk(g: &Arc<Gateway>, account: &str, ctx: &Ctx) -> Result<Walked, Gate
         }
         let key = Key {
             kind: Kind::Page,
-            account: account.into(),
+            account: account.clone(),
             index,
         };
         let (entry, r) = g.cached(key, ctx).await?;
@@ -131,28 +63,14 @@ async fn walk(g: &Arc<Gateway>, account: &str, ctx: &Ctx) -> Result<Walked, Gate
             return Ok(Walked::Refused(entry, r));
         }
         result = worse(result, r);
-        let head: PageHead = serde_json::from_slice(&entry.body).map_err(|_| bad_page())?;
-        if pages.is_empty() {
-            header_fields = format!(
-                "{{\"accountName\":{},\"totalLicenses\":{},\"assignedLicenses\":{},",
-                head.account_name.get(),
-                head.total_licenses.get(),
-                head.assigned_licenses.get()
-            );
-        }
-        if let (Some(first), Some(last)) = (head.device_list.first, head.device_list.last) {
-            let start = offset_in(&entry.body, first.get()).ok_or_else(bad_page)?;
-            let end = offset_in(&entry.body, last.get()).ok_or_else(bad_page)? + last.get().len();
-            // The devices' own bytes, separators included: a slice of the cached page, not a copy.
-            devices.push((entry.body.slice(start..end), head.device_list.count));
-        }
-        let (more, next) = (head.has_more_data, head.last_seen_device_id);
-        pages.push(entry.clone());
+        let page = entry.page_index().ok_or_else(bad_page)?.clone();
+        let (more, next) = (page.has_more_data, page.last_seen_device_id);
+        pages.push(entry);
+        indexes.push(page);
         if !more {
             return Ok(Walked::Pages(Walk {
                 pages,
-                devices,
-                header_fields,
+                indexes,
                 result,
             }));
         }
@@ -234,22 +152,21 @@ pub async fn account_licenses(
         Walked::Pages(w) => w,
         Walked::Refused(e, r) => return Ok((entry_response(&e, r, ctx, Instant::now()), r)),
     };
-    let mut chunks: Vec<Bytes> = Vec::with_capacity(w.devices.len() * 2 + 2);
-    let mut count = 0usize;
-    for (slice, n) in &w.devices {
-        if count > 0 {
-            chunks.push(Bytes::from_static(b","));
+    let pages_with_devices = || w.indexes.iter().filter(|p| p.device_count > 0);
+    let count: usize = pages_with_devices().map(|p| p.device_count).sum();
+    let mut all: Vec<Bytes> = Vec::with_capacity(w.indexes.len() * 2 + 3);
+    // `{"accountName":…,"totalLicenses":…,"assignedLicenses":…,` from the first page.
+    all.extend(w.indexes.first().map(|p| p.header_fields.clone()));
+    all.push(Bytes::from(format!(
+        "\"deviceCount\":{count},\"deviceList\":["
+    )));
+    for (i, page) in pages_with_devices().enumerate() {
+        if i > 0 {
+            all.push(Bytes::from_static(b","));
         }
-        count += n;
-        chunks.push(slice.clone());
+        // The devices' own bytes, separators included: a slice of the cached page, not a copy.
+        all.push(page.devices.clone());
     }
-    let head = format!(
-        "{}\"deviceCount\":{count},\"deviceList\":[",
-        w.header_fields
-    );
-    let mut all = Vec::with_capacity(chunks.len() + 2);
-    all.push(Bytes::from(head));
-    all.extend(chunks);
     all.push(Bytes::from_static(b"]}"));
     let etag = combined_etag(&w.pages);
     let gzip = if ctx.accept_gzip && !ctx.head {
@@ -300,37 +217,12 @@ pub async fn device_license(
         Walked::Pages(w) => w,
         Walked::Refused(e, r) => return Ok((entry_response(&e, r, ctx, Instant::now()), r)),
     };
-    let wanted: u64 = device_id.parse().unwrap_or(0);
     let mut found: Option<serde_json::Value> = None;
-    'pages: for page in &w.pages {
-        #[derive(Deserialize)]
-        #[serde(rename_all = "camelCase")]
-        struct Devices<'a> {
-            #[serde(borrow)]
-            device_list: Vec<Device<'a>>,
-        }
-        let devices = serde_json::from_slice::<Devices>(&page.body)
-            .map_err(|_| bad_page())?
-            .device_list;
-        // Pages hold IMEIs in increasing order: skip a page whose range cannot hold the id.
-        let numeric = |d: &Device| d.device_id.parse::<u64>().ok();
-        if let (Some(lo), Some(hi)) = (
-            devices.first().and_then(numeric),
-            devices.last().and_then(numeric),
-        ) {
-            if wanted < lo || wanted > hi {
-                continue;
-            }
-        }
-        for d in &devices {
-            if d.device_id == device_id {
-                let time = d
-                    .assignment_time
-                    .and_then(|t| serde_json::from_str::<serde_json::Value>(t.get()).ok())
-                    .unwrap_or(serde_json::Value::Null);
-                found = Some(time);
-                break 'pages;
-            }
+    for page in &w.indexes {
+        // Pages whose id range cannot hold the device are skipped without reading them.
+        if let Some(time) = page.find(device_id).map_err(|_| bad_page())? {
+            found = Some(serde_json::from_str(time.get()).unwrap_or(serde_json::Value::Null));
+            break;
         }
     }
     // Written in the documented field order; `device_id` is digits only (checked by the router).

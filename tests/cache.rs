@@ -231,3 +231,68 @@ async fn ten_times_capacity_stays_within_max_bytes() {
     assert!(bytes <= max as u64, "{bytes} > {max}");
     assert!(status["cache"]["entries"].as_u64().unwrap() > 5);
 }
+
+/// Issue 13 item 4's reproduction (ttl 1 s, swr 1 s, sie 4 s; refreshed at 1.3, 2.6, 3.9 s;
+/// the upstream failing from 5.3 s): the latest copy is served stale for its own windows.
+/// moka measures its deadlines on its own clock, which paused time does not move, so this test
+/// cannot see moka's early eviction itself; `cache::tests::moka_applies_the_replacing_entrys_
+/// lifetime` and `a_replaced_entry_expires_from_its_own_fetch_time` pin that part.
+#[tokio::test(start_paused = true)]
+async fn a_page_refreshed_in_the_background_is_served_stale_from_its_latest_fetch() {
+    let gw = InProc::new(
+        sim_opts(),
+        "[cache]\nttl = \"1s\"\nstale_while_revalidate = \"1s\"\nstale_if_error = \"4s\"\n\
+         [upstream]\nretries = 0\n",
+    )
+    .await;
+    let account = gw.sim.account_names()[0].clone();
+    let path = license_path(&account, 0);
+    let step = |ms| tokio::time::advance(std::time::Duration::from_millis(ms));
+    assert_eq!(gw.get(&path).await.header("x-cache"), "MISS");
+    for refreshes in 1..=3 {
+        step(1300).await;
+        let r = gw.get(&path).await;
+        assert_eq!((r.status, r.header("x-cache")), (StatusCode::OK, "STALE"));
+        gw.settle().await;
+        assert_eq!(gw.sim.count_status("licenses", 200), 1 + refreshes);
+    }
+    // 5.3 s: the upstream fails; the copy fetched at 3.9 s is 1.4 s old.
+    gw.sim
+        .apply(FaultRequest::status("licenses", 10, 500))
+        .unwrap();
+    step(1400).await;
+    let r = gw.get(&path).await;
+    assert_eq!(
+        (r.status, r.header("x-cache"), r.header("age")),
+        (StatusCode::OK, "STALE", "1")
+    );
+    gw.settle().await;
+    assert_eq!(
+        gw.sim.count_status("licenses", 500),
+        1,
+        "its refresh failed"
+    );
+    // 8.8 s: past stale-while-revalidate, within stale-if-error (until 3.9 + 1 + 4 = 8.9 s).
+    step(3500).await;
+    let r = gw.get(&path).await;
+    assert_eq!(
+        (r.status, r.header("x-cache"), r.header("age")),
+        (StatusCode::OK, "STALE", "4")
+    );
+    assert_eq!(gw.sim.count_status("licenses", 500), 2);
+    // 9.0 s: beyond it.
+    step(200).await;
+    let r = gw.get(&path).await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::BAD_GATEWAY, "GW_BAD_GATEWAY".to_string())
+    );
+    assert_eq!(
+        (
+            gw.sim.count("session_login"),
+            gw.sim.count_status("session_login", 200)
+        ),
+        (1, 1),
+        "one accepted login, none rejected"
+    );
+}

@@ -1,12 +1,25 @@
 //! Upstream protection and connection hygiene over real sockets: load shedding, transparent
-//! retries, the concurrency bound, slow clients.
+//! retries, the concurrency bound, slow clients; and what a panic or a dropped call leaves
+//! behind (nothing that blocks a key or the circuit).
 
 mod common;
 
 use common::*;
-use http::{Method, StatusCode};
+use http::{Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8};
 use std::sync::Arc;
 use std::time::Duration;
+use thingspace_gateway::app::Gateway;
+use thingspace_gateway::budget::LocalBudget;
+use thingspace_gateway::circuit::{Circuit, CircuitState};
+use thingspace_gateway::metrics::{Endpoint, Metrics};
+use thingspace_gateway::proxy::ClientApi;
+use thingspace_gateway::respond::Body;
+use thingspace_gateway::sim_transport::sim_transport;
+use thingspace_gateway::transport::{OutRequest, RawResponse, Transport, TransportFuture};
+use thingspace_gateway::upstream::{Upstream, UpstreamSettings};
 use thingspace_sim::control::FaultRequest;
 use thingspace_sim::SimOptions;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -323,4 +336,144 @@ async fn a_client_that_stops_reading_is_cut_off_after_write_timeout() {
         got.len(),
         head + length
     );
+}
+
+/// A transport to the simulator whose first license request panics (issue 13 item 5: a panic
+/// in the budget under one key's fetch).
+struct PanicsOnce {
+    inner: Arc<dyn Transport>,
+    armed: AtomicBool,
+}
+
+impl Transport for PanicsOnce {
+    fn send(&self, req: OutRequest, timeout: Duration) -> TransportFuture<'_> {
+        if req.path.starts_with("/api/fota/v1/licenses/") && self.armed.swap(false, SeqCst) {
+            panic!("a fetch panics mid-flight");
+        }
+        self.inner.send(req, timeout)
+    }
+}
+
+#[tokio::test]
+async fn a_fetch_that_panics_answers_502_and_the_next_request_fetches_again() {
+    let sim = start_sim(sim_opts()).await;
+    let cfg = config(&sim.base_url(), "[upstream]\nretries = 0\n");
+    let transport = Arc::new(PanicsOnce {
+        inner: sim_transport(&sim, cfg.upstream.max_response_bytes.as_usize()),
+        armed: AtomicBool::new(true),
+    });
+    let gw = Gateway::with_transport(cfg, transport).expect("gateway builds");
+    tokio::spawn(gw.tokens.clone().run(gw.shutdown.clone()));
+    let api = ClientApi(gw.clone());
+    let account = sim.account_names()[0].clone();
+    let get = |path: String| {
+        let api = &api;
+        async move {
+            let resp = api
+                .serve(Request::get(path).body(Body::default()).unwrap())
+                .await;
+            let status = resp.status();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            (status, body)
+        }
+    };
+    let (status, body) = get(license_path(&account, 0)).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["errorCode"], "GW_BAD_GATEWAY");
+    assert_eq!(v["errorMessage"], "upstream fetch failed");
+    assert_eq!(sim.count("licenses"), 0, "the panic came before the wire");
+    // The key is not stuck on the dead fetch: the next request goes upstream and is answered.
+    let (status, _) = get(license_path(&account, 0)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(sim.count("licenses"), 1);
+    assert_eq!(
+        (
+            sim.count("session_login"),
+            sim.count_status("session_login", 200)
+        ),
+        (1, 1),
+        "one accepted login, none rejected"
+    );
+}
+
+/// Answers 500, hangs, or answers 200 `{}`, as told; counts the attempts it sees.
+#[derive(Default)]
+struct Scripted {
+    mode: AtomicU8,
+    calls: AtomicU32,
+}
+
+const FAIL: u8 = 0;
+const HANG: u8 = 1;
+const OK: u8 = 2;
+
+impl Transport for Scripted {
+    fn send(&self, _req: OutRequest, _timeout: Duration) -> TransportFuture<'_> {
+        self.calls.fetch_add(1, SeqCst);
+        let mode = self.mode.load(SeqCst);
+        Box::pin(async move {
+            let status = match mode {
+                FAIL => StatusCode::INTERNAL_SERVER_ERROR,
+                HANG => std::future::pending().await,
+                _ => StatusCode::OK,
+            };
+            Ok(RawResponse {
+                status,
+                headers: http::HeaderMap::new(),
+                body: bytes::Bytes::from_static(b"{}"),
+            })
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_probe_dropped_mid_flight_lets_the_next_request_probe() {
+    let transport = Arc::new(Scripted::default());
+    let metrics = Metrics::new();
+    let upstream = Upstream::new(
+        transport.clone(),
+        Arc::new(LocalBudget::new(100.0, 100, 8)),
+        Circuit::new(1, Duration::from_secs(10)),
+        metrics.clone(),
+        UpstreamSettings {
+            timeout: Duration::from_secs(5),
+            retries: 0,
+            max_queue_wait: Duration::from_secs(1),
+        },
+    );
+    let call = || {
+        let req = OutRequest {
+            method: Method::GET,
+            path: "/api/fota/v1/licenses/a/index/0".into(),
+            headers: http::HeaderMap::new(),
+            body: bytes::Bytes::new(),
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let upstream = &upstream;
+        async move {
+            upstream
+                .call(Endpoint::Licenses, req, deadline, &AtomicU32::new(0))
+                .await
+        }
+    };
+    let err = call().await.unwrap_err();
+    assert_eq!(err.error_code(), "GW_BAD_GATEWAY");
+    assert_eq!(upstream.circuit_state(), CircuitState::Open);
+    assert_eq!(metrics.circuit_open.get(), 1);
+    tokio::time::advance(Duration::from_secs(10)).await;
+    assert_eq!(upstream.circuit_state(), CircuitState::HalfOpen);
+    // The probe hangs and its caller gives up: the call future is dropped mid-flight.
+    transport.mode.store(HANG, SeqCst);
+    assert!(tokio::time::timeout(Duration::from_secs(1), call())
+        .await
+        .is_err());
+    assert_eq!(transport.calls.load(SeqCst), 2);
+    // The next request is the new probe (not "circuit open" forever), and it closes the circuit.
+    transport.mode.store(OK, SeqCst);
+    let resp = call().await.expect("a new probe goes through");
+    assert_eq!(resp.status, StatusCode::OK);
+    assert_eq!(transport.calls.load(SeqCst), 3);
+    assert_eq!(upstream.circuit_state(), CircuitState::Closed);
+    assert_eq!(metrics.circuit_open.get(), 0);
 }

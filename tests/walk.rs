@@ -186,3 +186,47 @@ async fn page_bound_guards_the_walk() {
         .contains("max_walk_pages"));
     assert_eq!(sim.count("licenses"), 5);
 }
+
+#[tokio::test]
+async fn device_lookups_on_every_page_and_between_devices() {
+    let sim = start_sim(SimOptions {
+        accounts: 1,
+        page_size: 300,
+        ..sim_opts()
+    })
+    .await;
+    let gw = start_gateway(config(
+        &sim.base_url(),
+        "[upstream]\nrate_per_second = 1000.0\nburst = 1000\n",
+    ))
+    .await;
+    let account = sim.account_names()[0].clone();
+    let imeis = sim.imeis(&account);
+    let http = Http::new();
+    let lookup = |id: u64| {
+        format!(
+            "{}/gateway/v1/accounts/{account}/licenses/{id}",
+            gw.base_url()
+        )
+    };
+    for (i, imei) in imeis
+        .iter()
+        .enumerate()
+        .step_by(37)
+        .chain([(2499, &imeis[2499])])
+    {
+        let r = http.get(&lookup(*imei)).await;
+        assert_eq!(r.json()["licensed"], true, "device {i}");
+        assert!(r.json()["assignmentTime"].is_string());
+        // Just above it: absent unless it is the next device.
+        if imeis.get(i + 1) != Some(&(imei + 1)) {
+            let r = http.get(&lookup(imei + 1)).await;
+            assert_eq!(r.json()["licensed"], false, "after device {i}");
+        }
+    }
+    assert_eq!(
+        sim.count("licenses"),
+        9,
+        "2500 devices in pages of 300, walked once"
+    );
+}

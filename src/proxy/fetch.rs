@@ -3,7 +3,7 @@
 
 use super::{CacheResult, Ctx};
 use crate::app::Gateway;
-use crate::cache::{Entry, Freshness, Join, Key, Kind};
+use crate::cache::{Entry, Freshness, Join, Key, Kind, RefreshClaim};
 use crate::clients::Principal;
 use crate::error::GatewayError;
 use crate::metrics::Endpoint;
@@ -160,8 +160,8 @@ impl Gateway {
                 }
                 Freshness::Revalidate => {
                     self.metrics.lookup_stale.inc();
-                    if e.claim_refresh() {
-                        self.spawn_refresh(key, e.clone(), ctx.request_id.clone());
+                    if let Some(claim) = e.claim_refresh() {
+                        self.spawn_refresh(key, claim, ctx.request_id.clone());
                     }
                     return Ok((e.clone(), CacheResult::Stale));
                 }
@@ -208,7 +208,9 @@ impl Gateway {
         }
     }
 
-    fn spawn_refresh(self: &Arc<Self>, key: Key, stale: Arc<Entry>, request_id: HeaderValue) {
+    /// The claim is given back when the refresh fails or its task dies, so a later request can
+    /// start another; it stays taken once a new entry replaced the stale one.
+    fn spawn_refresh(self: &Arc<Self>, key: Key, claim: RefreshClaim, request_id: HeaderValue) {
         let g = self.clone();
         tokio::spawn(async move {
             let deadline = Instant::now() + g.cfg.server.request_timeout.0;
@@ -221,10 +223,11 @@ impl Gateway {
                 deadline,
                 Default::default(),
             );
-            let (result, _) = g.cache.fetch(key, deadline, fetch).await;
-            if let Err(e) = result {
-                tracing::warn!(error = %e, "background refresh failed; the stale copy stays");
-                stale.release_refresh();
+            match g.cache.fetch(key, deadline, fetch).await.0 {
+                Ok(_) => claim.refreshed(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "background refresh failed; the stale copy stays");
+                }
             }
         });
     }

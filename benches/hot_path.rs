@@ -8,10 +8,10 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use http::{Method, Request};
 use std::hint::black_box;
 use std::sync::Arc;
-use thingspace_gateway::app::Gateway;
-use thingspace_gateway::proxy::ClientApi;
+use thingspace_gateway::api::route::route;
+use thingspace_gateway::api::ClientApi;
 use thingspace_gateway::respond::Body;
-use thingspace_gateway::route::route;
+use thingspace_gateway::runtime::Gateway;
 use thingspace_sim::Simulator;
 
 fn routing(c: &mut Criterion) {
@@ -44,7 +44,7 @@ struct Fixture {
 
 async fn fixture() -> Fixture {
     let (sim, gw) = common::gateway_over_sim(2, 2500).await;
-    let api = ClientApi(gw.clone());
+    let api = gw.client_api();
     let names = sim.account_names();
     let imeis = sim.imeis(&names[0]);
     // A full 1000-device page (~80 KB) and the 100-device tail page of the account (~8 KB).
@@ -101,7 +101,7 @@ fn hit_path(c: &mut Criterion) {
     g.bench_function("credentials_when_held", |b| {
         b.to_async(&rt).iter(|| async {
             let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
-            black_box(f.gw.tokens.credentials(deadline).await.expect("creds"))
+            black_box(f.gw.tokens().credentials(deadline).await.expect("creds"))
         })
     });
     g.finish();
@@ -132,7 +132,7 @@ fn walks(c: &mut Criterion) {
         .build()
         .expect("runtime");
     let (sim, gw) = rt.block_on(common::gateway_over_sim(1, 200_000));
-    let api = ClientApi(gw);
+    let api = gw.client_api();
     let account = sim.account_names()[0].clone();
     let imeis = sim.imeis(&account);
     let serve = |path: String| {

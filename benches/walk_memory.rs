@@ -10,7 +10,6 @@ use http::Request;
 use http_body_util::BodyExt;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use thingspace_gateway::proxy::ClientApi;
 use thingspace_gateway::respond::Body;
 
 /// Counts bytes allocated (not freed) so a run can be measured.
@@ -43,7 +42,7 @@ fn main() {
         .expect("runtime");
     rt.block_on(async {
         let (sim, gw) = common::gateway_over_sim(1, 25_000).await;
-        let api = ClientApi(gw.clone());
+        let api = gw.client_api();
         let path = format!("/gateway/v1/accounts/{}/licenses", sim.account_names()[0]);
         let walk = || {
             api.serve(
@@ -62,7 +61,7 @@ fn main() {
             .expect("body")
             .to_bytes()
             .len();
-        let (_, cached) = gw.cache.store.size().await;
+        let (_, cached) = gw.cache().store.size().await;
         let mut per_walk = Vec::new();
         for _ in 0..5 {
             let before = ALLOCATED.load(Ordering::Relaxed);

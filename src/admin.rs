@@ -1,10 +1,16 @@
 //! The admin API (`server.admin_listen`): metrics, probes, status and cache purges.
 
-use crate::app::Gateway;
-use crate::circuit::CircuitState;
+use crate::api::ClientApi;
+use crate::cache::PageCache;
+use crate::config::Config;
+use crate::credentials::TokenManager;
 use crate::error::GatewayError;
+use crate::observe::Metrics;
+use crate::respond::Handler;
 use crate::respond::{json_value, text, Body};
-use crate::server::Handler;
+use crate::upstream::circuit::CircuitState;
+use crate::upstream::Upstream;
+use crate::util::Shutdown;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::json;
@@ -12,7 +18,27 @@ use std::sync::Arc;
 use std::time::SystemTime;
 use tokio::time::Instant;
 
-pub struct AdminApi(pub Arc<Gateway>);
+/// The admin API and the narrow view of the gateway it reports on.
+#[derive(Clone)]
+pub struct AdminApi(Arc<View>);
+
+/// What the admin routes read and act on; nothing of the request path beyond its in-flight count.
+pub struct View {
+    pub cfg: Arc<Config>,
+    pub metrics: Metrics,
+    pub upstream: Arc<Upstream>,
+    pub tokens: Arc<TokenManager>,
+    pub cache: Arc<PageCache>,
+    pub api: ClientApi,
+    pub shutdown: Shutdown,
+    pub started: std::time::Instant,
+}
+
+impl AdminApi {
+    pub fn new(view: View) -> Self {
+        Self(Arc::new(view))
+    }
+}
 
 /// Every admin route's path template (as in `deploy/openapi.yaml`) and its methods.
 pub const ADMIN_ROUTES: [(&str, &[&str]); 7] = [
@@ -124,7 +150,7 @@ impl AdminApi {
                     "budget_available": g.upstream.budget_available(),
                     "inflight": g.metrics.upstream_inflight.get(),
                 },
-                "clients": {"inflight": g.inflight()},
+                "clients": {"inflight": g.api.inflight()},
             }),
         )
     }
@@ -170,7 +196,7 @@ impl Handler for AdminApi {
             "/credentials/reset" if req.method() == Method::POST => self.reset_credentials().await,
             "/credentials/reset" => method_not_allowed("POST"),
             p => match p.strip_prefix("/cache/accounts/") {
-                Some(account) if crate::route::valid_account(account) => {
+                Some(account) if crate::api::route::valid_account(account) => {
                     if req.method() != Method::DELETE {
                         return method_not_allowed("DELETE");
                     }
@@ -185,7 +211,7 @@ impl Handler for AdminApi {
                     r
                 }
                 Some(_) => {
-                    crate::error::GatewayError::InvalidParameter(crate::route::INVALID_ACCOUNT)
+                    crate::error::GatewayError::InvalidParameter(crate::api::route::INVALID_ACCOUNT)
                         .to_response()
                 }
                 None => not_found(),
@@ -197,7 +223,7 @@ impl Handler for AdminApi {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::transport::{OutRequest, Transport, TransportError, TransportFuture};
+    use crate::upstream::transport::{OutRequest, Transport, TransportError, TransportFuture};
     use std::time::Duration;
 
     struct NoUpstream;
@@ -214,7 +240,9 @@ mod tests {
             &[],
         )
         .unwrap();
-        AdminApi(Gateway::with_transport(cfg, Arc::new(NoUpstream)).unwrap())
+        crate::runtime::Gateway::with_transport(cfg, Arc::new(NoUpstream))
+            .unwrap()
+            .admin_api()
     }
 
     fn purge(authorization: Option<&str>) -> Request<()> {

@@ -626,7 +626,7 @@ impl Config {
                 )));
             }
             for a in &client.accounts {
-                if a != "*" && !crate::route::valid_account(a) {
+                if a != "*" && !crate::params::valid_account(a) {
                     return Err(err(format!(
                         "{key}.accounts: {a:?} is not a valid account name"
                     )));

@@ -5,8 +5,8 @@ use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use thingspace_gateway::app::Running;
 use thingspace_gateway::config::{self, Config, LogFormat};
+use thingspace_gateway::runtime::Running;
 #[cfg(feature = "sim")]
 use thingspace_sim::{SimOptions, Simulator};
 
@@ -213,9 +213,9 @@ async fn stop_signal() {
 }
 
 async fn serve(cfg: Config) -> anyhow::Result<()> {
-    thingspace_gateway::tls::install_crypto_provider();
+    thingspace_gateway::upstream::tls::install_crypto_provider();
     let grace = cfg.server.shutdown_grace.0;
-    thingspace_gateway::app::raise_open_files_limit(cfg.server.max_connections);
+    thingspace_gateway::runtime::raise_open_files_limit(cfg.server.max_connections);
     let running = Running::start(cfg).await?;
     tracing::info!(listen = %running.addr, admin = %running.admin_addr, "thingspace-gateway serving");
     stop_signal().await;
@@ -232,14 +232,14 @@ const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
 #[cfg(feature = "sim")]
 async fn demo() -> anyhow::Result<()> {
     use anyhow::Context;
-    thingspace_gateway::tls::install_crypto_provider();
+    thingspace_gateway::upstream::tls::install_crypto_provider();
     let sim = Simulator::start(SimOptions::default())
         .await
         .context("starting the simulator on 127.0.0.1:8081")?;
     let env: Vec<(String, String)> = std::env::vars().collect();
     let cfg = config::from_toml_with_env(DEMO_CONFIG, &env)
         .map_err(|e| anyhow::anyhow!("demo config: {e}"))?;
-    thingspace_gateway::app::raise_open_files_limit(cfg.server.max_connections);
+    thingspace_gateway::runtime::raise_open_files_limit(cfg.server.max_connections);
     let running = Running::start(cfg).await?;
     let accounts = sim.account_names();
     let first = accounts.first().cloned().unwrap_or_default();

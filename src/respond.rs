@@ -1,5 +1,8 @@
 //! Response building blocks shared by the client API and the admin API.
 
+/// The request id: echoed or generated for the client, sent upstream, logged.
+pub const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use hyper::body::{Frame, SizeHint};
@@ -121,4 +124,13 @@ pub fn text(
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     r
+}
+
+/// A request handler that always produces a response (errors are already responses): what the
+/// listeners serve.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(
+        &self,
+        req: http::Request<hyper::body::Incoming>,
+    ) -> impl std::future::Future<Output = Response<Body>> + Send;
 }

@@ -1,7 +1,9 @@
 //! The simulator as a [`Transport`], answering in-process: the gateway and the simulator share
 //! tokio's clock and no sockets, so tests and benches can run under paused time.
 
-use crate::transport::{OutRequest, RawResponse, Transport, TransportError, TransportFuture};
+use crate::upstream::transport::{
+    OutRequest, RawResponse, Transport, TransportError, TransportFuture,
+};
 use std::sync::Arc;
 use std::time::Duration;
 use thingspace_sim::{SimHandle, SimRequest, Simulator};

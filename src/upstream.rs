@@ -1,11 +1,16 @@
 //! Every upstream call goes through [`Upstream::call_for`]: 429 cooldown → circuit → budget →
 //! one attempt (timed, metered) → classification → retry with full-jitter backoff.
 
-use crate::budget::Budget;
-use crate::circuit::{Admission, Circuit, CircuitState, Outcome};
+pub mod budget;
+pub mod circuit;
+pub mod tls;
+pub mod transport;
+
 use crate::error::{GatewayError, Throttle};
-use crate::metrics::{Endpoint, Metrics};
-use crate::transport::{OutRequest, RawResponse, Transport, TransportError};
+use crate::observe::{Endpoint, Metrics};
+use crate::upstream::budget::Budget;
+use crate::upstream::circuit::{Admission, Circuit, CircuitState, Outcome};
+use crate::upstream::transport::{OutRequest, RawResponse, Transport, TransportError};
 use http::{HeaderMap, Method, StatusCode};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};

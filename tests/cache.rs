@@ -46,7 +46,7 @@ async fn thousand_concurrent_requests_for_one_cold_key_make_one_upstream_call() 
     }
     assert_eq!(p.sim.count("licenses"), 1);
     assert!(bodies.iter().all(|b| *b == bodies[0]));
-    let text = p.gw.metrics.render();
+    let text = p.gw.metrics().render();
     let count = |result: &str| -> u64 {
         let needle = format!("thingspace_gateway_cache_lookups_total{{result=\"{result}\"}} ");
         text.lines()

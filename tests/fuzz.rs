@@ -6,8 +6,8 @@ mod common;
 
 use common::*;
 use http::{Method, StatusCode};
+use thingspace_gateway::api::route::{route, Route, RouteError};
 use thingspace_gateway::config::from_toml_with_env;
-use thingspace_gateway::route::{route, Route, RouteError};
 
 fn iterations(default: usize) -> usize {
     std::env::var("FUZZ_ITERATIONS")

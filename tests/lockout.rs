@@ -12,9 +12,9 @@ use http_body_util::BodyExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use thingspace_gateway::app::Gateway;
-use thingspace_gateway::proxy::ClientApi;
+use thingspace_gateway::api::ClientApi;
 use thingspace_gateway::respond::Body;
+use thingspace_gateway::runtime::Gateway;
 use thingspace_gateway::sim_transport::sim_transport;
 use thingspace_sim::control::FaultRequest;
 use thingspace_sim::{SimOptions, Simulator};
@@ -53,9 +53,9 @@ impl Gw {
         let cfg = config(&sim.base_url(), extra);
         let transport = sim_transport(sim, cfg.upstream.max_response_bytes.as_usize());
         let gw = Gateway::with_transport(cfg, transport)?;
-        let task = tokio::spawn(gw.tokens.clone().run(gw.shutdown.clone()));
+        let task = gw.spawn_token_refresher();
         Ok(Gw {
-            api: ClientApi(gw.clone()),
+            api: gw.client_api(),
             gw,
             task,
         })
@@ -77,11 +77,11 @@ impl Gw {
 
     /// `/status` `tokens.session`.
     fn session(&self) -> serde_json::Value {
-        self.gw.tokens.status_json()["session"].clone()
+        self.gw.tokens().status_json()["session"].clone()
     }
 
     fn metric(&self, series: &str) -> f64 {
-        let m = self.gw.metrics.render();
+        let m = self.gw.metrics().render();
         m.lines()
             .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
             .unwrap_or_else(|| panic!("no series {series}"))
@@ -90,7 +90,7 @@ impl Gw {
     }
 
     async fn stop(self) {
-        self.gw.shutdown.trigger();
+        self.gw.shutdown().trigger();
         let _ = self.task.await;
     }
 }
@@ -168,7 +168,7 @@ async fn the_stop_survives_restarts_and_changed_passwords_and_a_reset_allows_one
     let gw = Gw::start(&sim, &creds("demo-pass", &file)).unwrap();
     requests_fail(&gw, &page, 60, AUTH_FAILED).await;
     assert_eq!(sim.count("session_login"), 4);
-    let reasons = gw.gw.tokens.readiness().unwrap_err().join("; ");
+    let reasons = gw.gw.tokens().readiness().unwrap_err().join("; ");
     assert!(reasons.contains("stopped"), "{reasons}");
     gw.stop().await;
     // The operator makes sure ThingSpace's count is back to zero, then resets: with a password
@@ -179,7 +179,7 @@ async fn the_stop_survives_restarts_and_changed_passwords_and_a_reset_allows_one
     })
     .unwrap();
     let gw = Gw::start(&sim, &creds("still-wrong", &file)).unwrap();
-    gw.gw.tokens.reset_login_guard().await.unwrap();
+    gw.gw.tokens().reset_login_guard().await.unwrap();
     requests_fail(&gw, &page, 60, AUTH_FAILED).await;
     assert_eq!(sim.rejected_logins(), 5);
     assert_eq!(gw.session()["attempts"], 4);
@@ -188,7 +188,7 @@ async fn the_stop_survives_restarts_and_changed_passwords_and_a_reset_allows_one
     // Restarted with the right password: still stopped until the next reset, which logs in.
     let gw = Gw::start(&sim, &creds("demo-pass", &file)).unwrap();
     assert_eq!(gw.get(&page).await.error_code(), AUTH_FAILED);
-    gw.gw.tokens.reset_login_guard().await.unwrap();
+    gw.gw.tokens().reset_login_guard().await.unwrap();
     assert_eq!(gw.get(&page).await.status, StatusCode::OK);
     assert_eq!(gw.session()["attempts"], 0);
     assert_eq!(gw.session()["failures"], 0);
@@ -489,7 +489,7 @@ async fn no_token_call_while_the_circuit_is_open() {
             StatusCode::BAD_GATEWAY
         );
     }
-    assert_eq!(gw.gw.upstream.circuit_state().label(), "open");
+    assert_eq!(gw.gw.upstream().circuit_state().label(), "open");
     // The bearer expires at 10 s: its refresh waits for the circuit.
     sleep(Duration::from_secs(20)).await;
     for imei in &imeis[2..300] {
@@ -637,7 +637,7 @@ async fn no_credentials_no_token_call_and_no_login() {
         gw.get(&page).await.json()["errorMessage"],
         "upstream credentials are not configured"
     );
-    let reasons = gw.gw.tokens.readiness().unwrap_err().join("; ");
+    let reasons = gw.gw.tokens().readiness().unwrap_err().join("; ");
     assert!(
         reasons.contains("no upstream client credentials configured"),
         "{reasons}"
@@ -646,7 +646,7 @@ async fn no_credentials_no_token_call_and_no_login() {
     // A client id and secret but no password: the bearer, never a login.
     let gw = Gw::start(&sim, "[credentials]\npassword = \"\"\n").unwrap();
     requests_fail(&gw, &page, 10, AUTH_FAILED).await;
-    let reasons = gw.gw.tokens.readiness().unwrap_err().join("; ");
+    let reasons = gw.gw.tokens().readiness().unwrap_err().join("; ");
     assert!(
         reasons.contains("no upstream username and password configured"),
         "{reasons}"

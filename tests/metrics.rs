@@ -53,7 +53,7 @@ async fn known_sequence_moves_exact_counters() {
         .unwrap();
     assert_eq!(p.get(&c).await.status, StatusCode::OK);
 
-    let m = p.gw.metrics.render();
+    let m = p.gw.metrics().render();
     let v = |s: &str| value(&m, s);
     assert_eq!(
         v("thingspace_gateway_cache_lookups_total{result=\"hit\"}"),

@@ -7,7 +7,7 @@ use common::*;
 use http::{Method, StatusCode};
 use std::collections::BTreeSet;
 use thingspace_gateway::admin::ADMIN_ROUTES;
-use thingspace_gateway::route::{route, CLIENT_ROUTES};
+use thingspace_gateway::api::route::{route, CLIENT_ROUTES};
 
 /// `(path, METHOD)` of every operation, read from the file's `paths:` section.
 fn described() -> BTreeSet<(String, String)> {

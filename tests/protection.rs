@@ -11,14 +11,15 @@ use std::sync::atomic::Ordering::SeqCst;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8};
 use std::sync::Arc;
 use std::time::Duration;
-use thingspace_gateway::app::Gateway;
-use thingspace_gateway::budget::LocalBudget;
-use thingspace_gateway::circuit::{Circuit, CircuitState};
-use thingspace_gateway::metrics::{Endpoint, Metrics};
-use thingspace_gateway::proxy::ClientApi;
+use thingspace_gateway::observe::{Endpoint, Metrics};
 use thingspace_gateway::respond::Body;
+use thingspace_gateway::runtime::Gateway;
 use thingspace_gateway::sim_transport::sim_transport;
-use thingspace_gateway::transport::{OutRequest, RawResponse, Transport, TransportFuture};
+use thingspace_gateway::upstream::budget::LocalBudget;
+use thingspace_gateway::upstream::circuit::{Circuit, CircuitState};
+use thingspace_gateway::upstream::transport::{
+    OutRequest, RawResponse, Transport, TransportFuture,
+};
 use thingspace_gateway::upstream::{Upstream, UpstreamSettings};
 use thingspace_sim::control::FaultRequest;
 use thingspace_sim::SimOptions;
@@ -363,8 +364,8 @@ async fn a_fetch_that_panics_answers_502_and_the_next_request_fetches_again() {
         armed: AtomicBool::new(true),
     });
     let gw = Gateway::with_transport(cfg, transport).expect("gateway builds");
-    tokio::spawn(gw.tokens.clone().run(gw.shutdown.clone()));
-    let api = ClientApi(gw.clone());
+    gw.spawn_token_refresher();
+    let api = gw.client_api();
     let account = sim.account_names()[0].clone();
     let get = |path: String| {
         let api = &api;

@@ -356,7 +356,7 @@ async fn tokens_die_with_their_secret_and_never_outlive_token_ttl() {
     let removed = start_gateway(config(&sim.base_url(), &removed_toml)).await;
     let token = gateway_token(&issuer.base_url(), "ops", "ops-secret").await;
     let bearer = format!("Bearer {token}");
-    let status = |gw: &thingspace_gateway::app::Running, auth: String| {
+    let status = |gw: &thingspace_gateway::runtime::Running, auth: String| {
         let url = format!("{}{path}", gw.base_url());
         async move { get_with(&url, &[("authorization", &auth)]).await }
     };
@@ -687,7 +687,7 @@ async fn hostile_paths_and_headers_never_reach_the_upstream() {
 
 #[tokio::test]
 async fn tls_listener() {
-    thingspace_gateway::tls::install_crypto_provider();
+    thingspace_gateway::upstream::tls::install_crypto_provider();
     let dir = std::env::temp_dir().join(format!("tsgw-tls-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
@@ -705,7 +705,8 @@ async fn tls_listener() {
     ))
     .await;
     assert!(gw.base_url().starts_with("https://"));
-    let tls = thingspace_gateway::tls::client_config(&cert_path.display().to_string()).unwrap();
+    let tls =
+        thingspace_gateway::upstream::tls::client_config(&cert_path.display().to_string()).unwrap();
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_only()

@@ -8,7 +8,7 @@ use http::{Method, StatusCode};
 use serde_json::json;
 use std::time::Duration;
 use thingspace_gateway::sim_transport::sim_transport;
-use thingspace_gateway::transport::OutRequest;
+use thingspace_gateway::upstream::transport::OutRequest;
 use thingspace_sim::{SimOptions, Simulator};
 
 fn basic(id: &str, secret: &str) -> String {
@@ -384,7 +384,7 @@ async fn faults_and_control_api() {
 
 #[tokio::test]
 async fn https_with_generated_certificate() {
-    thingspace_gateway::tls::install_crypto_provider();
+    thingspace_gateway::upstream::tls::install_crypto_provider();
     let dir = std::env::temp_dir().join(format!("tsgw-sim-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let pem = dir.join("sim.pem");

@@ -127,10 +127,10 @@ async fn rejected_logins_stay_below_the_lock_across_pauses() {
         "stops one short of ThingSpace's five: {per_window:?}"
     );
     assert_eq!(p.sim.count_status("session_login", 200), 0);
-    let status = p.gw.tokens.status_json();
+    let status = p.gw.tokens().status_json();
     assert_eq!(status["session"]["stopped"], true);
     assert!(
-        p.gw.tokens.readiness().is_err(),
+        p.gw.tokens().readiness().is_err(),
         "never held a session: not ready"
     );
     assert_eq!(status["session"]["attempts"], 4);
@@ -280,7 +280,7 @@ async fn upstream_429_opens_a_cooldown() {
         sleep(Duration::from_millis(300)).await;
     }
     assert_eq!(p.sim.count("licenses"), calls);
-    assert!(p.gw.upstream.cooldown_until().is_some());
+    assert!(p.gw.upstream().cooldown_until().is_some());
     sleep(Duration::from_secs(1)).await;
     let r = p.get(&license_path(&account, imeis[10])).await;
     assert_eq!(
@@ -288,7 +288,7 @@ async fn upstream_429_opens_a_cooldown() {
         StatusCode::OK,
         "traffic recovers after the cooldown"
     );
-    let m = p.gw.metrics.render();
+    let m = p.gw.metrics().render();
     assert!(
         m.contains("thingspace_gateway_upstream_throttled_total{reason=\"upstream_429\"} 11"),
         "{m}"
@@ -316,7 +316,7 @@ async fn five_failures_open_the_circuit_then_one_probe_closes_it() {
     for i in 0..5 {
         assert_eq!(p.get(&url(i)).await.status, StatusCode::BAD_GATEWAY);
     }
-    assert_eq!(p.gw.upstream.circuit_state().label(), "open");
+    assert_eq!(p.gw.upstream().circuit_state().label(), "open");
     let calls = p.sim.count("licenses");
     for i in 5..10 {
         let r = p.get(&url(i)).await;
@@ -326,11 +326,11 @@ async fn five_failures_open_the_circuit_then_one_probe_closes_it() {
     }
     assert_eq!(p.sim.count("licenses"), calls, "no call while open");
     sleep(Duration::from_secs(10)).await;
-    assert_eq!(p.gw.upstream.circuit_state().label(), "half_open");
+    assert_eq!(p.gw.upstream().circuit_state().label(), "half_open");
     // Exactly one probe goes through; it succeeds and closes the circuit.
     assert_eq!(p.get(&url(20)).await.status, StatusCode::OK);
     assert_eq!(p.sim.count("licenses"), calls + 1);
-    assert_eq!(p.gw.upstream.circuit_state().label(), "closed");
+    assert_eq!(p.gw.upstream().circuit_state().label(), "closed");
     assert_eq!(p.get(&url(21)).await.status, StatusCode::OK);
 }
 
@@ -360,7 +360,7 @@ async fn failed_probe_reopens_and_only_one_probe_at_a_time() {
         StatusCode::BAD_GATEWAY
     );
     assert_eq!(p.sim.count("licenses"), calls + 1, "one probe, not retried");
-    assert_eq!(p.gw.upstream.circuit_state().label(), "open");
+    assert_eq!(p.gw.upstream().circuit_state().label(), "open");
 }
 
 #[tokio::test(start_paused = true)]
@@ -423,7 +423,7 @@ async fn ten_times_overload_stays_within_the_budget() {
     );
     assert!(ok >= 40, "{ok}");
     assert_eq!(ok + shed, 1000);
-    let m = p.gw.metrics.render();
+    let m = p.gw.metrics().render();
     assert!(m.contains(&format!(
         "thingspace_gateway_upstream_throttled_total{{reason=\"budget\"}} {shed}"
     )));

@@ -1,8 +1,8 @@
 //! Shared by the benches: a gateway wired to an in-process simulator (no sockets).
 
 use std::sync::Arc;
-use thingspace_gateway::app::Gateway;
 use thingspace_gateway::config::from_toml_with_env;
+use thingspace_gateway::runtime::Gateway;
 use thingspace_gateway::sim_transport::sim_transport;
 use thingspace_sim::{SimOptions, Simulator};
 

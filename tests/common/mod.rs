@@ -9,10 +9,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use std::sync::Arc;
 use std::time::Duration;
-use thingspace_gateway::app::{Gateway, Running};
+use thingspace_gateway::api::ClientApi;
 use thingspace_gateway::config::{self, Config};
-use thingspace_gateway::proxy::ClientApi;
 use thingspace_gateway::respond::Body;
+use thingspace_gateway::runtime::{Gateway, Running};
 use thingspace_gateway::sim_transport::sim_transport;
 use thingspace_sim::{SimOptions, Simulator};
 
@@ -215,10 +215,10 @@ impl InProc {
         let cfg = config(&sim.base_url(), extra);
         let transport = sim_transport(&sim, cfg.upstream.max_response_bytes.as_usize());
         let gw = Gateway::with_transport(cfg, transport).expect("gateway builds");
-        tokio::spawn(gw.tokens.clone().run(gw.shutdown.clone()));
+        gw.spawn_token_refresher();
         InProc {
             sim,
-            api: ClientApi(gw.clone()),
+            api: gw.client_api(),
             gw,
         }
     }
@@ -229,10 +229,10 @@ impl InProc {
     pub async fn over_tcp(opts: SimOptions, extra: &str) -> InProc {
         let sim = start_sim(opts).await;
         let gw = Gateway::new(config(&sim.base_url(), extra)).expect("gateway");
-        tokio::spawn(gw.tokens.clone().run(gw.shutdown.clone()));
+        gw.spawn_token_refresher();
         InProc {
             sim,
-            api: ClientApi(gw.clone()),
+            api: gw.client_api(),
             gw,
         }
     }

@@ -37,6 +37,44 @@ impl Endpoint {
     }
 }
 
+/// The `route` label of client API metrics: one fixed set, every series registered at zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteLabel {
+    Licenses,
+    Subscriptions,
+    AccountLicenses,
+    DeviceLicense,
+    OauthToken,
+    SessionLogin,
+    /// Requests that matched no route.
+    Unmatched,
+}
+
+impl RouteLabel {
+    pub const ALL: [RouteLabel; 7] = [
+        RouteLabel::Licenses,
+        RouteLabel::Subscriptions,
+        RouteLabel::AccountLicenses,
+        RouteLabel::DeviceLicense,
+        RouteLabel::OauthToken,
+        RouteLabel::SessionLogin,
+        RouteLabel::Unmatched,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteLabel::Licenses => "licenses",
+            RouteLabel::Subscriptions => "subscriptions",
+            RouteLabel::AccountLicenses => "account_licenses",
+            RouteLabel::DeviceLicense => "device_license",
+            RouteLabel::OauthToken => "oauth_token",
+            RouteLabel::SessionLogin => "session_login",
+            RouteLabel::Unmatched => "unmatched",
+        }
+    }
+}
+
+/// Every metric, in one registry of its own; cheap to clone (the collectors are shared).
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
@@ -200,13 +238,13 @@ impl Metrics {
             token_expiry.with_label_values(&[token]);
             login_paused.with_label_values(&[token]);
         }
-        let http_ok = crate::route::ROUTE_LABELS
+        let http_ok = RouteLabel::ALL
             .iter()
-            .map(|route| http_requests.with_label_values(&[route, "200"]))
+            .map(|route| http_requests.with_label_values(&[route.as_str(), "200"]))
             .collect();
-        let http_hist = crate::route::ROUTE_LABELS
+        let http_hist = RouteLabel::ALL
             .iter()
-            .map(|route| http_duration.with_label_values(&[route]))
+            .map(|route| http_duration.with_label_values(&[route.as_str()]))
             .collect();
         Metrics {
             lookup_hit: cache_lookups.with_label_values(&["hit"]),
@@ -246,17 +284,16 @@ impl Metrics {
         }
     }
 
-    /// `route` is an index into [`crate::route::ROUTE_LABELS`].
-    pub fn record_http(&self, route: usize, status: u16, seconds: f64) {
-        let label = crate::route::ROUTE_LABELS[route.min(crate::route::UNMATCHED)];
+    pub fn record_http(&self, route: RouteLabel, status: u16, seconds: f64) {
+        let i = route as usize;
         if status == 200 {
-            self.http_ok[route.min(crate::route::UNMATCHED)].inc();
+            self.http_ok[i].inc();
         } else {
             self.http_requests
-                .with_label_values(&[label, status_label(status)])
+                .with_label_values(&[route.as_str(), status_label(status)])
                 .inc();
         }
-        self.http_hist[route.min(crate::route::UNMATCHED)].observe(seconds);
+        self.http_hist[i].observe(seconds);
     }
 
     /// A lookup that fetched: the leader counts a miss, joiners count as coalesced.

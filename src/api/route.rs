@@ -3,6 +3,7 @@
 //! A path either maps to one [`Route`] with validated parameters or to a [`RouteError`]; nothing
 //! from the path reaches the upstream unless it passed these checks.
 
+use crate::observe::RouteLabel;
 use http::Method;
 use std::sync::Arc;
 
@@ -42,36 +43,22 @@ pub const CLIENT_ROUTES: [(&str, &[&str]); 6] = [
     ("/api/m2m/v1/session/login", &["POST"]),
 ];
 
-/// Index of `unmatched` in [`ROUTE_LABELS`]: requests that matched no route.
-pub const UNMATCHED: usize = 6;
-
-/// Every route's metric label, in one fixed set (pre-registered at zero).
-pub const ROUTE_LABELS: [&str; 7] = [
-    "licenses",
-    "subscriptions",
-    "account_licenses",
-    "device_license",
-    "oauth_token",
-    "session_login",
-    "unmatched",
-];
-
 impl Route {
-    /// Position of the route's label in [`ROUTE_LABELS`].
-    pub fn metric_index(&self) -> usize {
+    /// The route's metric label.
+    pub fn label(&self) -> RouteLabel {
         match self {
-            Route::LicensePage { .. } => 0,
-            Route::Subscription { .. } => 1,
-            Route::AccountLicenses { .. } => 2,
-            Route::DeviceLicense { .. } => 3,
-            Route::Token => 4,
-            Route::SessionLogin => 5,
+            Route::LicensePage { .. } => RouteLabel::Licenses,
+            Route::Subscription { .. } => RouteLabel::Subscriptions,
+            Route::AccountLicenses { .. } => RouteLabel::AccountLicenses,
+            Route::DeviceLicense { .. } => RouteLabel::DeviceLicense,
+            Route::Token => RouteLabel::OauthToken,
+            Route::SessionLogin => RouteLabel::SessionLogin,
         }
     }
 
     /// The route's entry in [`CLIENT_ROUTES`].
     pub fn template(&self) -> &'static str {
-        CLIENT_ROUTES[self.metric_index()].0
+        CLIENT_ROUTES[self.label() as usize].0
     }
 
     /// The account the route reads, for authorization.
@@ -93,28 +80,15 @@ pub enum RouteError {
     InvalidParameter(&'static str),
 }
 
-pub const INVALID_ACCOUNT: &str = "Invalid account name format";
-pub const INVALID_INDEX: &str = "Invalid index value";
-pub const INVALID_DEVICE: &str = "Invalid device id format";
+pub use crate::params::{
+    parse_u64_param, valid_account, INVALID_ACCOUNT, INVALID_DEVICE, INVALID_INDEX,
+};
 
 const LICENSES: &str = "/api/fota/v1/licenses/";
 const SUBSCRIPTIONS: &str = "/api/fota/v1/subscriptions/";
 const ACCOUNTS: &str = "/gateway/v1/accounts/";
 const GET_ALLOW: &str = "GET, HEAD";
 const POST_ALLOW: &str = "POST";
-
-/// 1–64 of `[0-9A-Za-z-]`, kept exactly (leading zeros matter).
-pub fn valid_account(s: &str) -> bool {
-    (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-}
-
-/// 1–20 decimal digits that fit in a u64.
-pub fn parse_u64_param(s: &str) -> Option<u64> {
-    if s.is_empty() || s.len() > 20 || !s.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    s.parse().ok()
-}
 
 fn account(s: &str) -> Result<Arc<str>, RouteError> {
     if valid_account(s) {
@@ -276,9 +250,10 @@ mod tests {
             Err(RouteError::MethodNotAllowed { allow: GET_ALLOW })
         );
         assert_eq!(
-            ROUTE_LABELS[route(&Method::HEAD, "/api/fota/v1/licenses/a/index/0")
+            route(&Method::HEAD, "/api/fota/v1/licenses/a/index/0")
                 .unwrap()
-                .metric_index()],
+                .label()
+                .as_str(),
             "licenses"
         );
         assert_eq!(

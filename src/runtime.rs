@@ -1,22 +1,27 @@
 //! The gateway's shared state, built once at start-up, and the listeners that serve it.
 
-use crate::budget::LocalBudget;
+pub mod listener;
+
+use crate::admin::{AdminApi, View};
+use crate::api::ClientApi;
 use crate::cache::{MokaStore, PageCache, Windows};
-use crate::circuit::Circuit;
 use crate::clients::Clients;
 use crate::config::Config;
-use crate::metrics::Metrics;
-use crate::server::{serve, ServeOptions, Shutdown};
-use crate::tokens::{TokenManager, TokenSettings, UpstreamCredentials};
-use crate::transport::{HttpTransport, Transport};
+use crate::credentials::{TokenManager, TokenSettings, UpstreamCredentials};
+use crate::observe::Metrics;
+use crate::read::Reader;
+use crate::upstream::budget::LocalBudget;
+use crate::upstream::circuit::Circuit;
+use crate::upstream::transport::{HttpTransport, Transport};
 use crate::upstream::{Upstream, UpstreamSettings};
+use crate::util::Shutdown;
+use listener::{serve, ServeOptions};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::net::TcpListener;
 
 /// hyper's own cap on the request header count. Up to it, a head with more than
-/// [`crate::proxy::MAX_HEADERS`] gets our JSON 431; past it hyper answers a bare 431 and closes.
+/// [`crate::api::MAX_HEADERS`] gets our JSON 431; past it hyper answers a bare 431 and closes.
 /// hyper sets aside 64 bytes of parser scratch per allowed header for every request head it
 /// parses: at 1,000 that is 64 KB, still cheap to allocate; at 10,000 (640 KB) every parse went
 /// through `mmap` and cost ~12 µs, which would tax every request to answer a few odd ones nicely.
@@ -56,19 +61,18 @@ pub fn raise_open_files_limit(max_connections: usize) -> Option<u64> {
     }
 }
 
-/// Everything the request path needs; one cheap handle (`Arc<Gateway>`) shared by all tasks.
+/// The gateway built once at start-up: the parts, wired. Interfaces get their own narrow handles
+/// ([`ClientApi`], [`AdminApi`]); the accessors are for start-up, tests and benchmarks.
 pub struct Gateway {
-    pub cfg: Config,
-    pub metrics: Metrics,
-    pub upstream: Arc<Upstream>,
-    pub tokens: Arc<TokenManager>,
-    pub cache: Arc<PageCache>,
-    pub clients: Clients,
-    /// Client API requests in flight (load shedding above `server.max_inflight`).
-    pub inflight: AtomicUsize,
-    pub started: std::time::Instant,
-    /// Fired on SIGTERM/SIGINT: listeners stop accepting, `/readyz` turns 503.
-    pub shutdown: Shutdown,
+    cfg: Arc<Config>,
+    metrics: Metrics,
+    upstream: Arc<Upstream>,
+    tokens: Arc<TokenManager>,
+    cache: Arc<PageCache>,
+    api: ClientApi,
+    admin: AdminApi,
+    /// Fired on SIGTERM/SIGINT: listeners stop accepting and drain.
+    shutdown: Shutdown,
 }
 
 impl Gateway {
@@ -105,7 +109,7 @@ impl Gateway {
             },
         ));
         let c = &cfg.credentials;
-        let guard_store = crate::tokens::open_guard_store(&c.guard_file)?;
+        let guard_store = crate::credentials::open_guard_store(&c.guard_file)?;
         let tokens = Arc::new(TokenManager::new(
             upstream.clone(),
             UpstreamCredentials {
@@ -134,21 +138,73 @@ impl Gateway {
             cfg.cache.ttl.0,
         ));
         let clients = Clients::new(&cfg.clients)?;
+        let cfg = Arc::new(cfg);
+        let reader = Arc::new(Reader::new(
+            cfg.clone(),
+            metrics.clone(),
+            upstream.clone(),
+            tokens.clone(),
+            cache.clone(),
+        ));
+        let api = ClientApi::new(cfg.clone(), clients, reader, metrics.clone());
+        let shutdown = Shutdown::new();
+        let admin = AdminApi::new(View {
+            cfg: cfg.clone(),
+            metrics: metrics.clone(),
+            upstream: upstream.clone(),
+            tokens: tokens.clone(),
+            cache: cache.clone(),
+            api: api.clone(),
+            shutdown: shutdown.clone(),
+            started: std::time::Instant::now(),
+        });
         Ok(Arc::new(Gateway {
             cfg,
             metrics,
             upstream,
             tokens,
             cache,
-            clients,
-            inflight: AtomicUsize::new(0),
-            started: std::time::Instant::now(),
-            shutdown: Shutdown::new(),
+            api,
+            admin,
+            shutdown,
         }))
     }
 
-    pub fn inflight(&self) -> usize {
-        self.inflight.load(Ordering::Relaxed)
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn upstream(&self) -> &Arc<Upstream> {
+        &self.upstream
+    }
+
+    pub fn tokens(&self) -> &Arc<TokenManager> {
+        &self.tokens
+    }
+
+    pub fn cache(&self) -> &Arc<PageCache> {
+        &self.cache
+    }
+
+    pub fn client_api(&self) -> ClientApi {
+        self.api.clone()
+    }
+
+    pub fn admin_api(&self) -> AdminApi {
+        self.admin.clone()
+    }
+
+    pub fn shutdown(&self) -> &Shutdown {
+        &self.shutdown
+    }
+
+    /// Starts the token manager's background loop (held tokens kept fresh) until shutdown.
+    pub fn spawn_token_refresher(&self) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(self.tokens.clone().run(self.shutdown.clone()))
     }
 }
 
@@ -182,7 +238,10 @@ impl Running {
         let tls = if s.tls_cert.is_empty() {
             None
         } else {
-            Some(crate::tls::server_acceptor(&s.tls_cert, &s.tls_key)?)
+            Some(crate::upstream::tls::server_acceptor(
+                &s.tls_cert,
+                &s.tls_key,
+            )?)
         };
         let opts = ServeOptions {
             max_connections: s.max_connections,
@@ -201,18 +260,18 @@ impl Running {
         let grace = s.shutdown_grace.0;
         let shutdown = gateway.shutdown.clone();
         let tasks = vec![
-            tokio::spawn(gateway.tokens.clone().run(shutdown.clone())),
+            gateway.spawn_token_refresher(),
             tokio::spawn(serve(
                 listener,
                 client_opts,
-                Arc::new(crate::proxy::ClientApi(gateway.clone())),
+                Arc::new(gateway.client_api()),
                 shutdown.clone(),
                 grace,
             )),
             tokio::spawn(serve(
                 admin,
                 opts,
-                Arc::new(crate::admin::AdminApi(gateway.clone())),
+                Arc::new(gateway.admin_api()),
                 shutdown,
                 grace,
             )),

@@ -4,18 +4,21 @@
 //! `proxy/fetch.rs` holds the cache step and the upstream read behind it; `proxy/headers.rs`
 //! the request headers read and the response headers written.
 
-use crate::app::Gateway;
+use crate::api::route::{route, Route, RouteError};
 use crate::cache::{Key, Kind};
+use crate::clients::Clients;
 use crate::clients::Principal;
+use crate::config::Config;
 use crate::error::GatewayError;
+use crate::observe::{Metrics, RouteLabel};
+use crate::read::{CacheResult, Ctx, Reader};
+use crate::respond::Handler;
 use crate::respond::{json_value, Body};
-use crate::route::{route, Route, RouteError};
-use crate::server::Handler;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::time::Instant;
 
@@ -23,33 +26,29 @@ use tokio::time::Instant;
 /// off like nginx's `access_log off`.
 pub const ACCESS_LOG: &str = "access";
 
-mod fetch;
 mod headers;
+pub mod route;
 
-pub use fetch::fetch_entry;
+use crate::read::entry_response;
+pub use headers::MAX_HEADERS;
 use headers::{accepts_gzip, check_header_limits, request_id};
-pub use headers::{age_value, cache_control_value, entry_response, CacheResult, MAX_HEADERS};
 /// POST bodies (token and login requests) are small forms.
 const MAX_POST_BODY: usize = 16 * 1024;
 
-pub struct ClientApi(pub Arc<Gateway>);
+/// The client API: one cheap handle (`Arc` inside) shared by every connection.
+#[derive(Clone)]
+pub struct ClientApi(Arc<State>);
 
-/// Request facts the response depends on.
-pub struct Ctx {
-    pub request_id: HeaderValue,
-    /// When the request arrived; freshness and `Age` are measured from it.
-    pub started: Instant,
-    pub deadline: Instant,
-    pub head: bool,
-    pub accept_gzip: bool,
-    pub if_none_match: Option<HeaderValue>,
-    /// Upstream attempts this request's own fetches made (for the access log).
-    pub attempts: AtomicU32,
-    /// Who asked (anonymous until authenticated): waits for upstream budget take turns by client.
-    pub who: Principal,
+struct State {
+    cfg: Arc<Config>,
+    clients: Clients,
+    reader: Arc<Reader>,
+    metrics: Metrics,
+    /// Client API requests in flight (load shedding above `server.max_inflight`).
+    inflight: AtomicUsize,
 }
 
-impl Gateway {
+impl State {
     async fn read_post_body<B: ClientBody>(&self, body: B) -> Result<Bytes, GatewayError> {
         Limited::new(body, MAX_POST_BODY)
             .collect()
@@ -161,16 +160,17 @@ impl Gateway {
             },
             Route::SessionLogin => return Ok((self.session_login(req.into_body()).await?, None)),
             Route::AccountLicenses { account } => {
-                let (r, c) = crate::walk::account_licenses(self, account, ctx).await?;
+                let (r, c) = crate::documents::account_licenses(&self.reader, account, ctx).await?;
                 return Ok((r, Some(c)));
             }
             Route::DeviceLicense { account, device_id } => {
-                let (r, c) = crate::walk::device_license(self, account, device_id, ctx).await?;
+                let (r, c) =
+                    crate::documents::device_license(&self.reader, account, device_id, ctx).await?;
                 return Ok((r, Some(c)));
             }
             Route::Token => return Err(GatewayError::NotFound),
         };
-        let (entry, result) = self.cached(key, ctx).await?;
+        let (entry, result) = self.reader.cached(key, ctx).await?;
         Ok((
             entry_response(&entry, result, ctx, ctx.started),
             Some(result),
@@ -179,7 +179,7 @@ impl Gateway {
 }
 
 /// Decrements the in-flight count however the request ends.
-struct InflightGuard<'a>(&'a Gateway);
+struct InflightGuard<'a>(&'a State);
 
 impl Drop for InflightGuard<'_> {
     fn drop(&mut self) {
@@ -212,6 +212,21 @@ impl Handler for ClientApi {
 }
 
 impl ClientApi {
+    pub fn new(cfg: Arc<Config>, clients: Clients, reader: Arc<Reader>, metrics: Metrics) -> Self {
+        Self(Arc::new(State {
+            cfg,
+            clients,
+            reader,
+            metrics,
+            inflight: AtomicUsize::new(0),
+        }))
+    }
+
+    /// Client API requests in flight now.
+    pub fn inflight(&self) -> usize {
+        self.0.inflight.load(Ordering::Relaxed)
+    }
+
     /// The whole client request, as the listener runs it.
     pub async fn serve<B: ClientBody>(&self, req: Request<B>) -> Response<Body> {
         let g = &self.0;
@@ -228,11 +243,10 @@ impl ClientApi {
         };
         let method = req.method().clone();
         let routed = route(req.method(), req.uri().path());
-        let route_index = routed
+        let label = routed
             .as_ref()
-            .map(Route::metric_index)
-            .unwrap_or(crate::route::UNMATCHED);
-        let label = crate::route::ROUTE_LABELS[route_index];
+            .map(Route::label)
+            .unwrap_or(RouteLabel::Unmatched);
         let in_flight = g.inflight.fetch_add(1, Ordering::Relaxed);
         let _guard = InflightGuard(g);
         let outcome = match routed {
@@ -263,13 +277,12 @@ impl ClientApi {
             .insert(headers::X_REQUEST_ID, ctx.request_id.clone());
         let status = resp.status().as_u16();
         let elapsed = started.elapsed();
-        g.metrics
-            .record_http(route_index, status, elapsed.as_secs_f64());
+        g.metrics.record_http(label, status, elapsed.as_secs_f64());
         tracing::info!(
             target: ACCESS_LOG,
             request_id = ctx.request_id.to_str().unwrap_or("-"),
             method = %method,
-            route = label,
+            route = label.as_str(),
             status,
             cache = cache.map(|c| c.header().to_str().unwrap_or("-").to_string()).unwrap_or_else(|| "-".into()),
             upstream_attempts = ctx.attempts.load(Ordering::Relaxed),

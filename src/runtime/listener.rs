@@ -5,9 +5,7 @@
 //! awaited in the loop), and shutdown drains them through hyper-util's `GracefulShutdown`.
 //! A connection whose peer reads nothing of its answer for `write_timeout` is closed.
 
-use crate::respond::Body;
-use http::{Request, Response};
-use hyper::body::Incoming;
+pub use crate::util::Shutdown;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use std::future::Future;
@@ -18,7 +16,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::time::{Instant, Sleep};
 
 /// hyper's own default buffer limit (8 KiB + 4 KiB x 100).
@@ -50,43 +48,7 @@ impl Default for ServeOptions {
     }
 }
 
-/// A request handler that always produces a response (errors are already responses).
-pub trait Handler: Send + Sync + 'static {
-    fn handle(&self, req: Request<Incoming>) -> impl Future<Output = Response<Body>> + Send;
-}
-
-/// Flips once to ask every server loop to stop accepting and drain.
-#[derive(Clone)]
-pub struct Shutdown {
-    tx: Arc<watch::Sender<bool>>,
-}
-
-impl Default for Shutdown {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Shutdown {
-    pub fn new() -> Self {
-        Self {
-            tx: Arc::new(watch::channel(false).0),
-        }
-    }
-
-    pub fn trigger(&self) {
-        self.tx.send_replace(true);
-    }
-
-    pub fn is_triggered(&self) -> bool {
-        *self.tx.borrow()
-    }
-
-    pub async fn wait(&self) {
-        let mut rx = self.tx.subscribe();
-        let _ = rx.wait_for(|v| *v).await;
-    }
-}
+pub use crate::respond::Handler;
 
 /// Serves until `shutdown` fires, then waits up to `grace` for in-flight connections.
 pub async fn serve<H: Handler>(

@@ -1,14 +1,21 @@
-//! The cache step and the upstream read behind it: freshness, coalesced fetches, stale
-//! fallbacks, background refreshes, and one reactive token refresh per read.
+//! The read path: the cache step and the upstream read behind it (freshness, coalesced fetches,
+//! stale fallbacks, background refreshes, one reactive token refresh per read), and in
+//! [`answer`] the one writer of cached answers.
 
-use super::{CacheResult, Ctx};
-use crate::app::Gateway;
+pub mod answer;
+
+use crate::cache::PageCache;
 use crate::cache::{Entry, Freshness, Join, Key, Kind, RefreshClaim};
 use crate::clients::Principal;
+use crate::config::Config;
+use crate::credentials::TokenManager;
+use crate::credentials::BEARER_REFUSED;
 use crate::error::GatewayError;
-use crate::metrics::Endpoint;
-use crate::tokens::BEARER_REFUSED;
-use crate::transport::OutRequest;
+use crate::observe::Endpoint;
+use crate::observe::Metrics;
+use crate::upstream::transport::OutRequest;
+use crate::upstream::Upstream;
+pub use answer::{entry_response, CacheResult};
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, StatusCode};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -52,6 +59,60 @@ impl Key {
     }
 }
 
+/// Request facts the response depends on.
+pub struct Ctx {
+    pub request_id: HeaderValue,
+    /// When the request arrived; freshness and `Age` are measured from it.
+    pub started: Instant,
+    pub deadline: Instant,
+    pub head: bool,
+    pub accept_gzip: bool,
+    pub if_none_match: Option<HeaderValue>,
+    /// Upstream attempts this request's own fetches made (for the access log).
+    pub attempts: AtomicU32,
+    /// Who asked (anonymous until authenticated): waits for upstream budget take turns by client.
+    pub who: Principal,
+}
+
+/// Everything a read needs: the cache, and the upstream with its tokens behind it.
+pub struct Reader {
+    cfg: Arc<Config>,
+    metrics: Metrics,
+    upstream: Arc<Upstream>,
+    tokens: Arc<TokenManager>,
+    cache: Arc<PageCache>,
+}
+
+impl Reader {
+    pub fn new(
+        cfg: Arc<Config>,
+        metrics: Metrics,
+        upstream: Arc<Upstream>,
+        tokens: Arc<TokenManager>,
+        cache: Arc<PageCache>,
+    ) -> Self {
+        Self {
+            cfg,
+            metrics,
+            upstream,
+            tokens,
+            cache,
+        }
+    }
+
+    pub fn cache(&self) -> &Arc<PageCache> {
+        &self.cache
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+}
+
 /// The name a read waits for upstream budget under: its client's id, "" when anonymous.
 fn budget_client(who: &Principal) -> &str {
     match who {
@@ -63,7 +124,7 @@ fn budget_client(who: &Principal) -> &str {
 /// One upstream read with the gateway's tokens, for `who`; one retry after a reactive token
 /// refresh (a renewed token refused again backs off in the token manager: no renewal storm).
 pub async fn fetch_entry(
-    g: Arc<Gateway>,
+    g: Arc<Reader>,
     key: Key,
     who: Principal,
     request_id: HeaderValue,
@@ -74,7 +135,7 @@ pub async fn fetch_entry(
         let creds = g.tokens.credentials(deadline).await?;
         let mut headers = creds.headers();
         headers.insert(header::ACCEPT, crate::respond::JSON);
-        headers.insert(super::headers::X_REQUEST_ID, request_id.clone());
+        headers.insert(crate::respond::X_REQUEST_ID, request_id.clone());
         let req = OutRequest {
             method: Method::GET,
             path: key.upstream_path(),
@@ -139,7 +200,7 @@ pub async fn fetch_entry(
     Err(GatewayError::UpstreamAuthFailed(BEARER_REFUSED))
 }
 
-impl Gateway {
+impl Reader {
     /// The cache step: fresh → HIT; stale within `stale_while_revalidate` → STALE plus one
     /// background refresh; otherwise one coalesced fetch, falling back to a stale copy within
     /// `stale_if_error` when the upstream fails or is being protected.

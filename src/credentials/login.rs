@@ -4,9 +4,9 @@
 use super::guard::{self, Cause, Origin};
 use super::{lock, sensitive, OAuthToken, SessionError, SessionToken, TokenManager};
 use crate::error::GatewayError;
-use crate::metrics::Endpoint;
+use crate::observe::Endpoint;
 use crate::secret::Secret;
-use crate::transport::{OutRequest, RawResponse};
+use crate::upstream::transport::{OutRequest, RawResponse};
 use bytes::Bytes;
 use http::{header, HeaderMap, Method, StatusCode};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};

@@ -3,7 +3,7 @@
 
 use super::guard::{Guard, RESET_ATTEMPTS};
 use super::{lock, rfc3339, unix_secs, TokenManager};
-use crate::circuit::CircuitState;
+use crate::upstream::circuit::CircuitState;
 use std::sync::atomic::Ordering;
 use tokio::time::Instant;
 

@@ -4,9 +4,9 @@
 use super::guard::{self, Cause};
 use super::{lock, sensitive, unix_secs, OAuthToken, TokenManager, MAX_TOKEN_LIFETIME_SECS};
 use crate::error::GatewayError;
-use crate::metrics::Endpoint;
+use crate::observe::Endpoint;
 use crate::secret::Secret;
-use crate::transport::OutRequest;
+use crate::upstream::transport::OutRequest;
 use base64::Engine;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method};

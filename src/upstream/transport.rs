@@ -66,7 +66,7 @@ impl HttpTransport {
         connect_timeout: Duration,
         max_body: usize,
     ) -> anyhow::Result<Self> {
-        let tls = crate::tls::client_config(ca_file)?;
+        let tls = crate::upstream::tls::client_config(ca_file)?;
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(connect_timeout));

@@ -10,12 +10,12 @@
 //! - A refused token is renewed once; a renewed token refused too backs off (1 s doubling to
 //!   60 s), and no token call is made while the upstream is closed to us (cooldown, open circuit).
 
-use crate::circuit::CircuitState;
 use crate::error::{GatewayError, Throttle};
-use crate::metrics::Metrics;
+use crate::observe::Metrics;
 use crate::secret::Secret;
-use crate::server::Shutdown;
+use crate::upstream::circuit::CircuitState;
 use crate::upstream::Upstream;
+use crate::util::Shutdown;
 use arc_swap::ArcSwapOption;
 use guard::{Cause, Guard, Origin};
 use http::{header, HeaderMap, HeaderValue};

@@ -2,11 +2,11 @@
 //! walks share pages), merged into one document whose device list is the pages' own bytes.
 //! Each stored page is read once, into its [`PageIndex`]; a warm walk or lookup parses no page.
 
-use crate::app::Gateway;
 use crate::cache::page::PageIndex;
 use crate::cache::{Entry, Key, Kind};
 use crate::error::GatewayError;
-use crate::proxy::{entry_response, CacheResult, Ctx};
+use crate::read::Reader;
+use crate::read::{entry_response, CacheResult, Ctx};
 use crate::respond::Body;
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
@@ -40,17 +40,17 @@ fn worse(a: CacheResult, b: CacheResult) -> CacheResult {
     }
 }
 
-async fn walk(g: &Arc<Gateway>, account: &str, ctx: &Ctx) -> Result<Walked, GatewayError> {
+async fn walk(g: &Arc<Reader>, account: &str, ctx: &Ctx) -> Result<Walked, GatewayError> {
     let mut pages = Vec::new();
     let mut indexes = Vec::new();
     let mut result = CacheResult::Hit;
     let mut index = 0u64;
     let account: Arc<str> = account.into();
     loop {
-        if pages.len() >= g.cfg.upstream.max_walk_pages {
+        if pages.len() >= g.config().upstream.max_walk_pages {
             return Err(GatewayError::BadGateway(format!(
                 "account has more than upstream.max_walk_pages = {} pages",
-                g.cfg.upstream.max_walk_pages
+                g.config().upstream.max_walk_pages
             )));
         }
         let key = Key {
@@ -125,10 +125,10 @@ fn finish(
     }
     let h = resp.headers_mut();
     h.insert(header::ETAG, etag);
-    h.insert(header::AGE, crate::proxy::age_value(oldest));
+    h.insert(header::AGE, crate::read::answer::age_value(oldest));
     h.insert(
         header::CACHE_CONTROL,
-        crate::proxy::cache_control_value(fresh),
+        crate::read::answer::cache_control_value(fresh),
     );
     h.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
     h.insert(
@@ -144,7 +144,7 @@ fn finish(
 
 /// `GET /gateway/v1/accounts/{account}/licenses`
 pub async fn account_licenses(
-    g: &Arc<Gateway>,
+    g: &Arc<Reader>,
     account: &str,
     ctx: &Ctx,
 ) -> Result<(Response<Body>, CacheResult), GatewayError> {
@@ -189,10 +189,10 @@ pub async fn account_licenses(
 
 /// The document's gzip form, compressed once per version (ETag) off the async threads;
 /// concurrent requests for the same version wait for the one compression.
-async fn gzip_document(g: &Arc<Gateway>, etag: &HeaderValue, chunks: &[Bytes]) -> Option<Bytes> {
+async fn gzip_document(g: &Arc<Reader>, etag: &HeaderValue, chunks: &[Bytes]) -> Option<Bytes> {
     let key = etag.to_str().ok()?.to_string();
     let parts: Vec<Bytes> = chunks.to_vec();
-    g.cache
+    g.cache()
         .derived_gzip
         .optionally_get_with(key, async move {
             tokio::task::spawn_blocking(move || {
@@ -208,7 +208,7 @@ async fn gzip_document(g: &Arc<Gateway>, etag: &HeaderValue, chunks: &[Bytes]) -
 
 /// `GET /gateway/v1/accounts/{account}/licenses/{deviceId}`
 pub async fn device_license(
-    g: &Arc<Gateway>,
+    g: &Arc<Reader>,
     account: &str,
     device_id: &str,
     ctx: &Ctx,

@@ -1,8 +1,6 @@
 //! The binary as operators run it: exit codes, SIGTERM drain, and logs free of secrets.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};

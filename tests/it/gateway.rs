@@ -1,8 +1,6 @@
 //! Gateway core over real sockets: simulator + gateway on port 0.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use http::{Method, StatusCode};
 use serde_json::json;
 use std::sync::Arc;

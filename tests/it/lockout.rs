@@ -3,10 +3,8 @@
 //! of token calls. In-process under paused time where time matters (the simulator's transport, no
 //! sockets); every test checks the simulator's rejected logins and that the user never locked.
 
-mod common;
-
+use crate::common::*;
 use bytes::Bytes;
-use common::*;
 use http::{Method, Request, StatusCode};
 use http_body_util::BodyExt;
 use std::path::{Path, PathBuf};

@@ -2,9 +2,7 @@
 //! in-process (no sockets), so hours pass in milliseconds and every count is exact.
 #![allow(clippy::needless_range_loop)]
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use http::StatusCode;
 use std::sync::Arc;
 use std::time::Duration;

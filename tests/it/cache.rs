@@ -1,8 +1,6 @@
 //! The page cache over real sockets: coalescing, negative caching, headers, purges, bounds.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use http::{Method, StatusCode};
 use std::io::Read;
 use std::sync::Arc;

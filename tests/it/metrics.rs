@@ -1,8 +1,6 @@
 //! Metrics: exact counter values after a known sequence, and no account or device id in them.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use http::StatusCode;
 use std::time::Duration;
 use thingspace_sim::control::FaultRequest;

@@ -1,9 +1,7 @@
 //! Client security: registry, gateway tokens, SDK drop-in flow, hostile input.
 
-mod common;
-
+use crate::common::*;
 use base64::Engine;
-use common::*;
 use http::{Method, StatusCode};
 use thingspace_gateway::clients::sha256_hex;
 use thingspace_sim::Simulator;

@@ -1,8 +1,6 @@
 //! Whole-account endpoints over real sockets.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use http::{Method, StatusCode};
 use thingspace_sim::control::FaultRequest;
 use thingspace_sim::SimOptions;

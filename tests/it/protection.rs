@@ -2,9 +2,7 @@
 //! retries, the concurrency bound, slow clients; and what a panic or a dropped call leaves
 //! behind (nothing that blocks a key or the circuit).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use http::{Method, Request, StatusCode};
 use http_body_util::BodyExt;
 use std::sync::atomic::Ordering::SeqCst;

@@ -1,9 +1,7 @@
 //! `deploy/openapi.yaml` and the routers agree: every route the gateway knows is described, and
 //! every described operation is answered by a route (not 404, not 405).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use http::{Method, StatusCode};
 use std::collections::BTreeSet;
 use thingspace_gateway::admin::ADMIN_ROUTES;

@@ -2,9 +2,7 @@
 //! request path, and the config loader. `.ci/run` runs them longer with FUZZ_ITERATIONS; a
 //! failure prints the seed to reproduce it with FUZZ_SEED.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use http::{Method, StatusCode};
 use thingspace_gateway::api::route::{route, Route, RouteError};
 use thingspace_gateway::config::from_toml_with_env;

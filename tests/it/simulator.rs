@@ -1,9 +1,7 @@
 //! The simulator over real sockets: every endpoint, every fault, the lock, and the control API.
 
-mod common;
-
+use crate::common::*;
 use base64::Engine;
-use common::*;
 use http::{Method, StatusCode};
 use serde_json::json;
 use std::time::Duration;
@@ -33,7 +31,7 @@ async fn token(sim: &Simulator) -> String {
     r.json()["access_token"].as_str().unwrap().to_string()
 }
 
-async fn login(sim: &Simulator, bearer: &str, password: &str) -> common::Resp {
+async fn login(sim: &Simulator, bearer: &str, password: &str) -> Resp {
     request(
         Method::POST,
         &format!("{}/api/m2m/v1/session/login", sim.base_url()),
@@ -48,7 +46,7 @@ async fn login(sim: &Simulator, bearer: &str, password: &str) -> common::Resp {
     .await
 }
 
-async fn page(sim: &Simulator, path: &str, bearer: &str, session: &str) -> common::Resp {
+async fn page(sim: &Simulator, path: &str, bearer: &str, session: &str) -> Resp {
     get_with(
         &format!("{}{path}", sim.base_url()),
         &[

@@ -309,8 +309,9 @@ impl Drop for Running {
     }
 }
 
-#[cfg(all(test, unix))]
+#[cfg(test)]
 mod tests {
+    #[cfg(unix)]
     #[test]
     fn the_open_files_soft_limit_is_raised_to_the_hard_limit() {
         let (_, hard) = rlimit::Resource::NOFILE.get().unwrap();

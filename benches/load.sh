@@ -67,6 +67,7 @@ client_id = "demo-key"
 client_secret = "demo-secret"
 username = "demo-user"
 password = "demo-pass"
+guard_file = ""
 [clients]
 mode = "none"
 $3

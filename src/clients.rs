@@ -10,12 +10,14 @@
 use crate::config::{ClientMode, ClientsConfig};
 use crate::error::GatewayError;
 use crate::secret::ct_eq;
+use crate::util::bucket::TokenBucket;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
+use parking_lot::Mutex;
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
 
@@ -26,9 +28,8 @@ pub struct Client {
     fingerprint: [u8; FINGERPRINT_BYTES],
     all_accounts: bool,
     accounts: Vec<String>,
-    rate: f64,
-    burst: f64,
-    bucket: Mutex<(f64, Instant)>,
+    /// The client's own rate (`rate_per_second`, `burst`).
+    bucket: Mutex<TokenBucket>,
 }
 
 /// Who is calling.
@@ -140,7 +141,6 @@ impl Clients {
             .iter()
             .filter_map(|c| {
                 let hash = unhex32(&c.secret_sha256.to_ascii_lowercase())?;
-                let burst = f64::from(c.burst);
                 Some((
                     c.id.clone(),
                     Arc::new(Client {
@@ -149,9 +149,11 @@ impl Clients {
                         fingerprint: fingerprint(&key, &hash),
                         all_accounts: c.accounts.iter().any(|a| a == "*"),
                         accounts: c.accounts.clone(),
-                        rate: c.rate_per_second,
-                        burst,
-                        bucket: Mutex::new((burst, Instant::now())),
+                        bucket: Mutex::new(TokenBucket::new(
+                            c.rate_per_second,
+                            f64::from(c.burst),
+                            Instant::now(),
+                        )),
                     }),
                 ))
             })
@@ -293,18 +295,10 @@ impl Clients {
                 return Err(GatewayError::Forbidden);
             }
         }
-        let mut b = c.bucket.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        b.0 = (b.0 + now.saturating_duration_since(b.1).as_secs_f64() * c.rate).min(c.burst);
-        b.1 = now;
-        if b.0 >= 1.0 {
-            b.0 -= 1.0;
-            Ok(())
-        } else {
-            Err(GatewayError::RateLimited {
-                retry_after: Duration::from_secs_f64((1.0 - b.0) / c.rate),
-            })
-        }
+        c.bucket
+            .lock()
+            .try_take(Instant::now())
+            .map_err(|retry_after| GatewayError::RateLimited { retry_after })
     }
 }
 
@@ -482,5 +476,34 @@ mod tests {
         ));
         tokio::time::advance(Duration::from_secs(1)).await;
         assert!(c.authorize(&who, Some("A-1")).is_ok());
+    }
+
+    /// Any rate the registry is given answers 429 with a bounded `Retry-After` (config
+    /// validation bounds rates, but the registry must not panic on one it let through).
+    #[tokio::test(start_paused = true)]
+    async fn any_client_rate_is_panic_free() {
+        for rate in [0.0, -1.0, f64::NAN, 1e-300, f64::INFINITY] {
+            let mut config = cfg(K1);
+            config.client[0].rate_per_second = rate;
+            config.client[0].burst = 1;
+            let c = Clients::new(&config).unwrap();
+            let who = Principal::Client(c.by_id["billing"].clone());
+            assert!(
+                c.authorize(&who, Some("A-1")).is_ok(),
+                "the burst, at {rate}"
+            );
+            let second = c.authorize(&who, Some("A-1"));
+            let Err(GatewayError::RateLimited { retry_after }) = second else {
+                panic!("at {rate}: {second:?}");
+            };
+            if rate == f64::INFINITY {
+                assert!(retry_after <= Duration::from_nanos(1), "{retry_after:?}");
+            } else {
+                assert_eq!(retry_after, crate::util::bucket::LONGEST_WAIT, "at {rate}");
+            }
+            // The answer renders (its Retry-After is whole seconds).
+            let resp = GatewayError::RateLimited { retry_after }.to_response();
+            assert_eq!(resp.status(), http::StatusCode::TOO_MANY_REQUESTS);
+        }
     }
 }

@@ -11,7 +11,7 @@ use crate::credentials::{TokenManager, TokenSettings, UpstreamCredentials};
 use crate::observe::Metrics;
 use crate::read::Reader;
 use crate::upstream::budget::LocalBudget;
-use crate::upstream::circuit::Circuit;
+use crate::upstream::protection::LocalProtection;
 use crate::upstream::transport::{HttpTransport, Transport};
 use crate::upstream::{Upstream, UpstreamSettings};
 use crate::util::Shutdown;
@@ -100,7 +100,10 @@ impl Gateway {
                 u.burst,
                 u.max_concurrent,
             )),
-            Circuit::new(u.circuit_failures, u.circuit_open_for.0),
+            Arc::new(LocalProtection::new(
+                u.circuit_failures,
+                u.circuit_open_for.0,
+            )),
             metrics.clone(),
             UpstreamSettings {
                 timeout: u.timeout.0,

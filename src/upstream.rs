@@ -1,19 +1,26 @@
 //! Every upstream call goes through [`Upstream::call_for`]: 429 cooldown → circuit → budget →
 //! one attempt (timed, metered) → classification → retry with full-jitter backoff.
+//!
+//! The cooldown and the circuit sit behind [`protection::Protection`], the budget behind
+//! [`budget::Budget`]: the seams a fleet's shared versions implement.
 
 pub mod budget;
 pub mod circuit;
+pub mod protection;
 pub mod tls;
 pub mod transport;
 
 use crate::error::{GatewayError, Throttle};
 use crate::observe::{Endpoint, Metrics};
 use crate::upstream::budget::Budget;
-use crate::upstream::circuit::{Admission, Circuit, CircuitState, Outcome};
+use crate::upstream::circuit::{Admission, CircuitState, Outcome};
+use crate::upstream::protection::{ProbeGuard, Protection, Refusal};
 use crate::upstream::transport::{OutRequest, RawResponse, Transport, TransportError};
+use crate::util::backoff::{Backoff, Jitter};
 use http::{HeaderMap, Method, StatusCode};
+use prometheus::IntGauge;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
@@ -23,6 +30,8 @@ pub const DEFAULT_COOLDOWN: Duration = Duration::from_secs(30);
 pub const MAX_COOLDOWN: Duration = Duration::from_secs(600);
 const BACKOFF_BASE: Duration = Duration::from_millis(50);
 const BACKOFF_CAP: Duration = Duration::from_secs(2);
+/// Between retries of one call: full jitter in `[0, min(2 s, 50 ms × 2^attempt)]`.
+const RETRY_BACKOFF: Backoff = Backoff::new(BACKOFF_BASE, BACKOFF_CAP, Jitter::Full);
 
 pub struct UpstreamSettings {
     pub timeout: Duration,
@@ -33,16 +42,26 @@ pub struct UpstreamSettings {
 pub struct Upstream {
     transport: Arc<dyn Transport>,
     budget: Arc<dyn Budget>,
-    circuit: Circuit,
-    cooldown_until: Mutex<Option<Instant>>,
+    protection: Arc<dyn Protection>,
     metrics: Metrics,
     settings: UpstreamSettings,
 }
 
-/// Full-jitter exponential backoff: uniform in `[0, min(cap, base * 2^attempt)]`.
-pub fn full_jitter(base: Duration, cap: Duration, attempt: u32) -> Duration {
-    let ceiling = base.saturating_mul(1u32 << attempt.min(20)).min(cap);
-    ceiling.mul_f64(fastrand::f64())
+/// Counts one attempt in the `upstream_inflight` gauge for as long as it lives, so an attempt
+/// that panics or whose future is dropped is counted out too.
+struct InFlight<'a>(&'a IntGauge);
+
+impl<'a> InFlight<'a> {
+    fn new(gauge: &'a IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// `Retry-After` as seconds or an HTTP date; 30 s when absent or unreadable; capped at 10 min.
@@ -102,31 +121,28 @@ impl Upstream {
     pub fn new(
         transport: Arc<dyn Transport>,
         budget: Arc<dyn Budget>,
-        circuit: Circuit,
+        protection: Arc<dyn Protection>,
         metrics: Metrics,
         settings: UpstreamSettings,
     ) -> Self {
         Self {
             transport,
             budget,
-            circuit,
-            cooldown_until: Mutex::new(None),
+            protection,
             metrics,
             settings,
         }
     }
 
     pub fn circuit_state(&self) -> CircuitState {
-        self.circuit.state()
+        self.protection.state()
     }
 
-    /// The end of the current 429 cooldown, if one is running.
+    /// The end of the current 429 cooldown, if one is running (what the protection reports as
+    /// time left, from now; at most [`MAX_COOLDOWN`] away).
     pub fn cooldown_until(&self) -> Option<Instant> {
-        let c = self
-            .cooldown_until
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        c.filter(|until| *until > Instant::now())
+        let left = self.protection.cooldown_remaining()?;
+        Some(Instant::now() + left.min(MAX_COOLDOWN))
     }
 
     pub fn budget_available(&self) -> f64 {
@@ -134,14 +150,7 @@ impl Upstream {
     }
 
     fn start_cooldown(&self, d: Duration) {
-        let until = Instant::now() + d;
-        let mut c = self
-            .cooldown_until
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if c.is_none_or(|old| old < until) {
-            *c = Some(until);
-        }
+        self.protection.start_cooldown(d);
         tracing::warn!(
             cooldown_secs = d.as_secs(),
             "upstream answered 429: no upstream call until the cooldown ends"
@@ -174,23 +183,20 @@ impl Upstream {
         let idempotent = req.method == Method::GET;
         let mut attempt = 0u32;
         loop {
-            if let Some(until) = self.cooldown_until() {
-                return Err(GatewayError::UpstreamUnavailable {
+            let admission = self.protection.admit().map_err(|refusal| match refusal {
+                Refusal::Cooldown(left) => GatewayError::UpstreamUnavailable {
                     reason: Throttle::Upstream429,
-                    retry_after: until - Instant::now(),
+                    retry_after: left.min(MAX_COOLDOWN),
                     message: "upstream is throttling; retry later",
-                });
-            }
-            let admission =
-                self.circuit
-                    .admit()
-                    .map_err(|retry_after| GatewayError::UpstreamUnavailable {
-                        reason: Throttle::CircuitOpen,
-                        retry_after,
-                        message: "upstream circuit is open after repeated failures; retry later",
-                    })?;
+                },
+                Refusal::CircuitOpen(retry_after) => GatewayError::UpstreamUnavailable {
+                    reason: Throttle::CircuitOpen,
+                    retry_after,
+                    message: "upstream circuit is open after repeated failures; retry later",
+                },
+            })?;
             // Gives a half-open probe back if this attempt panics or is dropped mid-flight.
-            let _probe = self.circuit.guard(admission);
+            let _probe = ProbeGuard::new(&*self.protection, admission);
             let budget_deadline = deadline.min(Instant::now() + self.settings.max_queue_wait);
             let Some(_permit) = self.budget.acquire(client, budget_deadline).await else {
                 // Not an attempt: give the probe back without an outcome.
@@ -208,12 +214,12 @@ impl Upstream {
             }
             let started = Instant::now();
             attempts.fetch_add(1, Ordering::Relaxed);
-            self.metrics.upstream_inflight.inc();
-            let result = self
-                .transport
-                .send(req.clone(), self.settings.timeout.min(remaining))
-                .await;
-            self.metrics.upstream_inflight.dec();
+            let result = {
+                let _inflight = InFlight::new(&self.metrics.upstream_inflight);
+                self.transport
+                    .send(req.clone(), self.settings.timeout.min(remaining))
+                    .await
+            };
             let status_label = match &result {
                 Ok(r) => r.status.as_str().to_string(),
                 Err(TransportError::Timeout) => "timeout".into(),
@@ -230,7 +236,7 @@ impl Upstream {
             if admission.probe || attempt >= self.settings.retries {
                 return Err(err);
             }
-            let pause = full_jitter(BACKOFF_BASE, BACKOFF_CAP, attempt);
+            let pause = RETRY_BACKOFF.delay(attempt);
             if Instant::now() + pause >= deadline {
                 return Err(err);
             }
@@ -241,7 +247,7 @@ impl Upstream {
     }
 
     fn record_circuit(&self, admission: Admission, outcome: Outcome) {
-        if let Some(open) = self.circuit.record(admission, outcome) {
+        if let Some(open) = self.protection.record(admission, outcome) {
             self.metrics.circuit_open.set(i64::from(open));
             if open {
                 tracing::error!("upstream circuit opened after repeated failures");
@@ -370,7 +376,8 @@ mod tests {
     #[test]
     fn jitter_is_bounded() {
         for attempt in 0..30 {
-            assert!(full_jitter(BACKOFF_BASE, BACKOFF_CAP, attempt) <= BACKOFF_CAP);
+            assert!(RETRY_BACKOFF.delay(attempt) <= BACKOFF_CAP);
+            assert!(RETRY_BACKOFF.delay(attempt) <= BACKOFF_BASE * 2u32.pow(attempt.min(6)));
         }
     }
 }

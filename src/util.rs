@@ -1,4 +1,8 @@
-//! Small pieces every layer may use: the shutdown signal and lower-case hex.
+//! Small pieces every layer may use: the shutdown signal, lower-case hex, the token bucket and
+//! the backoff.
+
+pub mod backoff;
+pub mod bucket;
 
 use std::sync::Arc;
 use tokio::sync::watch;

@@ -3,6 +3,7 @@
 //! failures and of renewals that did not cure a refusal. Pure bookkeeping: no I/O, no clock reads.
 
 use crate::error::GatewayError;
+use crate::util::backoff::{Backoff, Jitter};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -14,6 +15,8 @@ pub const STOP_AT_ATTEMPTS: u32 = THINGSPACE_LOCKOUT - 1;
 pub const RESET_ATTEMPTS: u32 = STOP_AT_ATTEMPTS - 1;
 const TRANSIENT_BACKOFF_BASE: Duration = Duration::from_secs(1);
 const TRANSIENT_BACKOFF_CAP: Duration = Duration::from_secs(60);
+const TRANSIENT_BACKOFF: Backoff =
+    Backoff::new(TRANSIENT_BACKOFF_BASE, TRANSIENT_BACKOFF_CAP, Jitter::Equal);
 
 // What a client is told when the credentials are the cause: fixed words, no counts or durations
 // (those go to the log).
@@ -115,10 +118,7 @@ impl Guard {
     /// failing upstream is never hammered). Returns the error for the request that failed.
     pub(super) fn back_off(&mut self, cause: Cause, now: Instant) -> GatewayError {
         self.transient = self.transient.saturating_add(1);
-        let ceiling = TRANSIENT_BACKOFF_BASE
-            .saturating_mul(1 << self.transient.min(10))
-            .min(TRANSIENT_BACKOFF_CAP);
-        let wait = ceiling / 2 + (ceiling / 2).mul_f64(fastrand::f64());
+        let wait = TRANSIENT_BACKOFF.delay(self.transient);
         self.backoff_until = Some(now + wait);
         self.cause = Some(cause);
         cause.error(wait)

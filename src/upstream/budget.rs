@@ -5,12 +5,13 @@
 //! the in-process default. Waiters are served fairly (SPEC §5): round robin by client, FIFO
 //! within one client, so one client's flood of cold keys cannot starve the others.
 
+use crate::util::bucket::TokenBucket;
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::Arc;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -47,8 +48,7 @@ struct Ticket {
 }
 
 struct State {
-    tokens: f64,
-    last: Instant,
+    bucket: TokenBucket,
     free_slots: usize,
     /// Waiters per client, oldest first. Only clients with waiters have an entry.
     queues: HashMap<Box<str>, VecDeque<Arc<Ticket>>>,
@@ -61,8 +61,6 @@ struct State {
 }
 
 struct Shared {
-    rate: f64,
-    burst: f64,
     state: Mutex<State>,
 }
 
@@ -70,25 +68,7 @@ pub struct LocalBudget {
     shared: Arc<Shared>,
 }
 
-/// How long `tokens` more take to accrue at `rate`; `None` if longer than any deadline.
-fn time_for(tokens: f64, rate: f64) -> Option<Duration> {
-    if tokens <= 0.0 {
-        return Some(Duration::ZERO);
-    }
-    // At least a nanosecond: a rounding residue (0.99999999 tokens) must still move the clock,
-    // or the waiter next in line would wake at "now" forever.
-    Duration::try_from_secs_f64(tokens / rate)
-        .ok()
-        .map(|d| d.max(Duration::from_nanos(1)))
-}
-
 impl State {
-    fn refill(&mut self, now: Instant, rate: f64, burst: f64) {
-        let earned = now.saturating_duration_since(self.last).as_secs_f64() * rate;
-        self.tokens = (self.tokens + earned).min(burst);
-        self.last = now;
-    }
-
     fn head(&self) -> Option<&Arc<Ticket>> {
         let client = self.turns.front()?;
         self.queues.get(client)?.front()
@@ -110,10 +90,10 @@ impl State {
     /// Grants what the bucket and the slots allow, in turn order, then makes sure the waiter
     /// next in line knows it keeps the clock.
     fn dispatch(&mut self) {
-        while self.free_slots > 0 && self.tokens >= 1.0 {
+        while self.free_slots > 0 && self.bucket.tokens() >= 1.0 {
             let Some(ticket) = self.pop_next() else { break };
             self.free_slots -= 1;
-            self.tokens -= 1.0;
+            self.bucket.take();
             ticket.granted.store(true, Ordering::Relaxed);
             ticket.wake.notify_one();
         }
@@ -176,13 +156,13 @@ impl State {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock()
     }
 
     /// Locks the state with the bucket refilled to `now` and due grants made.
     fn lock_dispatched(&self, now: Instant) -> MutexGuard<'_, State> {
         let mut s = self.lock();
-        s.refill(now, self.rate, self.burst);
+        s.bucket.refill(now);
         s.dispatch();
         s
     }
@@ -190,7 +170,7 @@ impl Shared {
     fn release_slot(&self) {
         let mut s = self.lock();
         s.free_slots += 1;
-        s.refill(Instant::now(), self.rate, self.burst);
+        s.bucket.refill(Instant::now());
         s.dispatch();
     }
 }
@@ -227,8 +207,8 @@ impl Waiting<'_> {
                     return None;
                 }
                 // Next in line: wake when the next token is due (a freed slot notifies).
-                (s.timekeeper == Some(self.ticket.id) && s.tokens < 1.0)
-                    .then(|| time_for(1.0 - s.tokens, self.shared.rate))
+                (s.timekeeper == Some(self.ticket.id) && s.bucket.tokens() < 1.0)
+                    .then(|| s.bucket.time_for(1.0))
                     .flatten()
                     .and_then(|d| now.checked_add(d))
             };
@@ -249,11 +229,11 @@ impl Drop for Waiting<'_> {
         let mut s = self.shared.lock();
         if self.ticket.granted.load(Ordering::Relaxed) {
             s.free_slots += 1;
-            s.tokens = (s.tokens + 1.0).min(self.shared.burst);
+            s.bucket.give_back();
         } else {
             s.remove(self.client, self.ticket.id);
         }
-        s.refill(Instant::now(), self.shared.rate, self.shared.burst);
+        s.bucket.refill(Instant::now());
         s.dispatch();
     }
 }
@@ -262,18 +242,10 @@ impl LocalBudget {
     /// Any numbers are safe here (config validation bounds them): a rate that is not a positive
     /// number grants nothing beyond the burst.
     pub fn new(rate_per_second: f64, burst: u32, max_concurrent: usize) -> Self {
-        let rate = if rate_per_second > 0.0 {
-            rate_per_second.min(f64::MAX)
-        } else {
-            0.0
-        };
         Self {
             shared: Arc::new(Shared {
-                rate,
-                burst: f64::from(burst),
                 state: Mutex::new(State {
-                    tokens: f64::from(burst),
-                    last: Instant::now(),
+                    bucket: TokenBucket::new(rate_per_second, f64::from(burst), Instant::now()),
                     free_slots: max_concurrent,
                     queues: HashMap::new(),
                     turns: VecDeque::new(),
@@ -291,14 +263,13 @@ impl Budget for LocalBudget {
             let now = Instant::now();
             let ticket = {
                 let mut s = self.shared.lock_dispatched(now);
-                if s.turns.is_empty() && s.free_slots > 0 && s.tokens >= 1.0 {
+                if s.turns.is_empty() && s.free_slots > 0 && s.bucket.take() {
                     s.free_slots -= 1;
-                    s.tokens -= 1.0;
                     return Some(BudgetPermit::new(Slot(self.shared.clone())));
                 }
                 // Refuse at once what cannot be had in time even if nobody else arrives.
-                let needed = (s.grants_ahead(client) + 1) as f64 - s.tokens;
-                match time_for(needed, self.shared.rate).and_then(|w| now.checked_add(w)) {
+                let needed = (s.grants_ahead(client) + 1) as f64;
+                match s.bucket.time_for(needed).and_then(|w| now.checked_add(w)) {
                     Some(at) if at <= deadline => {}
                     _ => return None,
                 }
@@ -319,14 +290,15 @@ impl Budget for LocalBudget {
 
     fn available(&self) -> f64 {
         let mut s = self.shared.lock();
-        s.refill(Instant::now(), self.shared.rate, self.shared.burst);
-        s.tokens
+        s.bucket.refill(Instant::now());
+        s.bucket.tokens()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[tokio::test(start_paused = true)]
     async fn burst_then_rate() {
@@ -404,7 +376,7 @@ mod tests {
         let (b, held) = (b.clone(), held.clone());
         tokio::spawn(async move {
             let p = b.acquire(client, deadline).await?;
-            held.lock().unwrap().push(p);
+            held.lock().push(p);
             Some(Instant::now())
         })
     }
@@ -441,7 +413,7 @@ mod tests {
             took >= Duration::from_secs(10) && took <= Duration::from_millis(10_010),
             "{took:?}"
         );
-        assert_eq!(held.lock().unwrap().len(), 101);
+        assert_eq!(held.lock().len(), 101);
     }
 
     #[tokio::test(start_paused = true)]
@@ -451,7 +423,7 @@ mod tests {
         let far = Instant::now() + Duration::from_secs(30);
         // Take the one token so that everyone below queues.
         let first = b.acquire("", far).await.unwrap();
-        held.lock().unwrap().push(first);
+        held.lock().push(first);
         let a: Vec<_> = (0..3).map(|_| waiter(&b, "a", far, &held)).collect();
         let c: Vec<_> = (0..3).map(|_| waiter(&b, "c", far, &held)).collect();
         let mut order = Vec::new();
@@ -501,7 +473,7 @@ mod tests {
         let held = Arc::new(Mutex::new(Vec::new()));
         let far = Instant::now() + Duration::from_secs(30);
         let first = b.acquire("x", far).await.unwrap();
-        held.lock().unwrap().push(first);
+        held.lock().push(first);
         let queued: Vec<_> = (0..20).map(|_| waiter(&b, "x", far, &held)).collect();
         tokio::task::yield_now().await;
         let before = Instant::now();

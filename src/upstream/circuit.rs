@@ -1,7 +1,8 @@
 //! Circuit breaker: `circuit_failures` failed attempts in a row open it for `circuit_open_for`;
 //! then exactly one probe goes through (half-open): success closes it, failure reopens it.
+//! In-process state; [`super::protection`] puts it behind the seam a fleet can share.
 
-use std::sync::Mutex;
+use parking_lot::Mutex;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -28,6 +29,26 @@ pub struct Admission {
     pub probe: bool,
     /// Which probe this is (0 for ordinary attempts), so a late release frees only its own.
     ticket: u64,
+}
+
+impl Admission {
+    /// An attempt while the circuit is closed.
+    pub const ORDINARY: Admission = Admission {
+        probe: false,
+        ticket: 0,
+    };
+
+    /// The half-open trial numbered `ticket` (a remote store's lease id, say).
+    pub fn probe(ticket: u64) -> Self {
+        Self {
+            probe: true,
+            ticket,
+        }
+    }
+
+    pub fn ticket(&self) -> u64 {
+        self.ticket
+    }
 }
 
 #[derive(Default)]
@@ -63,18 +84,11 @@ impl Circuit {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// `Err(retry_after)` while open or while the probe is in flight.
     pub fn admit(&self) -> Result<Admission, Duration> {
-        let mut s = self.lock();
+        let mut s = self.state.lock();
         let Some(until) = s.open_until else {
-            return Ok(Admission {
-                probe: false,
-                ticket: 0,
-            });
+            return Ok(Admission::ORDINARY);
         };
         let now = Instant::now();
         if now < until {
@@ -85,25 +99,14 @@ impl Circuit {
         }
         s.tickets += 1;
         s.probing = Some(s.tickets);
-        Ok(Admission {
-            probe: true,
-            ticket: s.tickets,
-        })
+        Ok(Admission::probe(s.tickets))
     }
 
-    /// Guards an admission: a probe whose attempt ends without [`Circuit::record`] (its task
-    /// panicked, or its future was dropped mid-flight) is given back when the guard drops, so
-    /// the next request probes instead of the circuit staying half-open for good.
-    pub fn guard(&self, admission: Admission) -> ProbeGuard<'_> {
-        ProbeGuard {
-            circuit: self,
-            admission,
-        }
-    }
-
-    fn release_probe(&self, admission: Admission) {
+    /// Gives back a probe whose attempt ended without [`Circuit::record`]; harmless after it
+    /// (the probe is already given back, and a newer probe has another ticket).
+    pub fn release(&self, admission: Admission) {
         if admission.probe {
-            let mut s = self.lock();
+            let mut s = self.state.lock();
             if s.probing == Some(admission.ticket) {
                 s.probing = None;
             }
@@ -112,7 +115,7 @@ impl Circuit {
 
     /// Records an attempt; returns `Some(open)` when the circuit changed between open and closed.
     pub fn record(&self, admission: Admission, outcome: Outcome) -> Option<bool> {
-        let mut s = self.lock();
+        let mut s = self.state.lock();
         if admission.probe && s.probing == Some(admission.ticket) {
             s.probing = None;
         }
@@ -135,25 +138,12 @@ impl Circuit {
     }
 
     pub fn state(&self) -> CircuitState {
-        let s = self.lock();
+        let s = self.state.lock();
         match s.open_until {
             None => CircuitState::Closed,
             Some(until) if Instant::now() < until => CircuitState::Open,
             Some(_) => CircuitState::HalfOpen,
         }
-    }
-}
-
-/// See [`Circuit::guard`]. Releasing after `record` is harmless: the probe is already given
-/// back, and a newer probe has another ticket.
-pub struct ProbeGuard<'a> {
-    circuit: &'a Circuit,
-    admission: Admission,
-}
-
-impl Drop for ProbeGuard<'_> {
-    fn drop(&mut self) {
-        self.circuit.release_probe(self.admission);
     }
 }
 
@@ -164,10 +154,6 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn opens_probes_and_closes() {
         let c = Circuit::new(3, Duration::from_secs(10));
-        let normal = Admission {
-            probe: false,
-            ticket: 0,
-        };
         for _ in 0..2 {
             assert_eq!(c.record(c.admit().unwrap(), Outcome::Failure), None);
         }
@@ -186,31 +172,7 @@ mod tests {
         let probe = c.admit().unwrap();
         assert_eq!(c.record(probe, Outcome::Success), Some(false));
         assert_eq!(c.state(), CircuitState::Closed);
-        assert_eq!(c.admit(), Ok(normal));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_probe_that_dies_is_given_back() {
-        let c = Circuit::new(1, Duration::from_secs(10));
-        c.record(c.admit().unwrap(), Outcome::Failure);
-        tokio::time::advance(Duration::from_secs(10)).await;
-        let probe = c.admit().unwrap();
-        assert!(probe.probe);
-        {
-            let _guard = c.guard(probe);
-            assert!(c.admit().is_err(), "one probe at a time");
-            // The attempt's future is dropped here without an outcome.
-        }
-        assert_eq!(c.state(), CircuitState::HalfOpen);
-        let again = c.admit().expect("a new probe after the first one died");
-        assert!(again.probe);
-        // A stale guard of the first probe does not free the second.
-        drop(c.guard(probe));
-        assert!(c.admit().is_err(), "the second probe is still in flight");
-        let guard = c.guard(again);
-        assert_eq!(c.record(again, Outcome::Success), Some(false));
-        drop(guard);
-        assert_eq!(c.state(), CircuitState::Closed);
+        assert_eq!(c.admit(), Ok(Admission::ORDINARY));
     }
 
     #[tokio::test(start_paused = true)]

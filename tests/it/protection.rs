@@ -14,7 +14,8 @@ use thingspace_gateway::respond::Body;
 use thingspace_gateway::runtime::Gateway;
 use thingspace_gateway::sim_transport::sim_transport;
 use thingspace_gateway::upstream::budget::LocalBudget;
-use thingspace_gateway::upstream::circuit::{Circuit, CircuitState};
+use thingspace_gateway::upstream::circuit::CircuitState;
+use thingspace_gateway::upstream::protection::LocalProtection;
 use thingspace_gateway::upstream::transport::{
     OutRequest, RawResponse, Transport, TransportFuture,
 };
@@ -396,7 +397,7 @@ async fn a_fetch_that_panics_answers_502_and_the_next_request_fetches_again() {
     );
 }
 
-/// Answers 500, hangs, or answers 200 `{}`, as told; counts the attempts it sees.
+/// Answers 500, hangs, panics, or answers 200 `{}`, as told; counts the attempts it sees.
 #[derive(Default)]
 struct Scripted {
     mode: AtomicU8,
@@ -406,6 +407,7 @@ struct Scripted {
 const FAIL: u8 = 0;
 const HANG: u8 = 1;
 const OK: u8 = 2;
+const PANIC: u8 = 3;
 
 impl Transport for Scripted {
     fn send(&self, _req: OutRequest, _timeout: Duration) -> TransportFuture<'_> {
@@ -415,6 +417,7 @@ impl Transport for Scripted {
             let status = match mode {
                 FAIL => StatusCode::INTERNAL_SERVER_ERROR,
                 HANG => std::future::pending().await,
+                PANIC => panic!("the scripted transport panics"),
                 _ => StatusCode::OK,
             };
             Ok(RawResponse {
@@ -433,7 +436,7 @@ async fn a_probe_dropped_mid_flight_lets_the_next_request_probe() {
     let upstream = Upstream::new(
         transport.clone(),
         Arc::new(LocalBudget::new(100.0, 100, 8)),
-        Circuit::new(1, Duration::from_secs(10)),
+        Arc::new(LocalProtection::new(1, Duration::from_secs(10))),
         metrics.clone(),
         UpstreamSettings {
             timeout: Duration::from_secs(5),
@@ -475,4 +478,63 @@ async fn a_probe_dropped_mid_flight_lets_the_next_request_probe() {
     assert_eq!(transport.calls.load(SeqCst), 3);
     assert_eq!(upstream.circuit_state(), CircuitState::Closed);
     assert_eq!(metrics.circuit_open.get(), 0);
+}
+
+/// An attempt whose future is dropped mid-flight, or whose task panics, is counted out of the
+/// `upstream_inflight` gauge (test fails on previous main: the gauge stayed up).
+#[tokio::test(start_paused = true)]
+async fn a_dropped_or_panicking_attempt_leaves_nothing_in_flight() {
+    let transport = Arc::new(Scripted::default());
+    let metrics = Metrics::new();
+    let upstream = Arc::new(Upstream::new(
+        transport.clone(),
+        Arc::new(LocalBudget::new(100.0, 100, 8)),
+        Arc::new(LocalProtection::new(5, Duration::from_secs(10))),
+        metrics.clone(),
+        UpstreamSettings {
+            timeout: Duration::from_secs(5),
+            retries: 0,
+            max_queue_wait: Duration::from_secs(1),
+        },
+    ));
+    let call = |upstream: Arc<Upstream>| async move {
+        let req = OutRequest {
+            method: Method::GET,
+            path: "/api/fota/v1/licenses/a/index/0".into(),
+            headers: http::HeaderMap::new(),
+            body: bytes::Bytes::new(),
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        upstream
+            .call(Endpoint::Licenses, req, deadline, &AtomicU32::new(0))
+            .await
+    };
+    transport.mode.store(HANG, SeqCst);
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), call(upstream.clone()))
+            .await
+            .is_err()
+    );
+    assert_eq!(transport.calls.load(SeqCst), 1);
+    assert_eq!(
+        metrics.upstream_inflight.get(),
+        0,
+        "after a dropped attempt"
+    );
+    transport.mode.store(PANIC, SeqCst);
+    let joined = tokio::spawn(call(upstream.clone())).await;
+    assert!(joined.unwrap_err().is_panic());
+    assert_eq!(transport.calls.load(SeqCst), 2);
+    assert_eq!(
+        metrics.upstream_inflight.get(),
+        0,
+        "after a panicked attempt"
+    );
+    // The upstream still serves, and the budget slots came back (8 slots, 10 calls).
+    transport.mode.store(OK, SeqCst);
+    for _ in 0..10 {
+        assert_eq!(call(upstream.clone()).await.unwrap().status, StatusCode::OK);
+    }
+    assert_eq!(transport.calls.load(SeqCst), 12);
+    assert_eq!(metrics.upstream_inflight.get(), 0);
 }

@@ -1,33 +1,41 @@
 //! The token manager: one OAuth token and one M2M session per process (SPEC §5).
 //!
-//! - Reads are lock-free (`ArcSwapOption`); refreshes are single-flight behind one async mutex
-//!   per token, so any number of concurrent requests cause one token call.
-//! - The OAuth token is refreshed in the background when 25 % of its lifetime is left
-//!   (`tokens/oauth.rs`); the session is renewed lazily when idle (`tokens/login.rs`).
-//! - The lockout guard (`tokens/guard.rs`) keeps `rejected` and `attempts` per username in a
-//!   [`GuardStore`] (`tokens/store.rs`: the guard file, or memory for a loopback upstream), so the
-//!   gateway never sends the login that would lock the ThingSpace user, across restarts too.
+//! - Both logins run the one token exchange (`credentials/exchange.rs`: guard → call → judge →
+//!   settle); `credentials/oauth.rs` and `credentials/login.rs` describe what differs.
+//! - What is kept between calls sits behind `CredentialState` (`credentials/state.rs`):
+//!   the held tokens (lock-free reads), one refresh lease per token (single-flight: any number
+//!   of concurrent requests cause one token call), the guards and their store. The in-process
+//!   version today; its module doc says how a Redis one implements each piece.
+//! - The OAuth token is refreshed in the background when 25 % of its lifetime is left; the
+//!   session is renewed lazily when idle.
+//! - The lockout guard (`credentials/guard.rs`) keeps `rejected` and `attempts` per username in
+//!   a [`GuardStore`] (`credentials/store.rs`: the guard file, or memory for a loopback
+//!   upstream), so the gateway never sends the login that would lock the ThingSpace user,
+//!   across restarts too.
 //! - A refused token is renewed once; a renewed token refused too backs off (1 s doubling to
 //!   60 s), and no token call is made while the upstream is closed to us (cooldown, open circuit).
 
 use crate::error::{GatewayError, Throttle};
-use crate::observe::Metrics;
+use crate::observe::{Metrics, TokenLabel};
 use crate::secret::Secret;
 use crate::upstream::circuit::CircuitState;
 use crate::upstream::Upstream;
 use crate::util::Shutdown;
-use arc_swap::ArcSwapOption;
 use guard::{Cause, Guard, Origin};
 use http::{header, HeaderMap, HeaderValue};
+use parking_lot::Mutex;
+use state::{CredentialState, LocalState};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
+mod exchange;
 mod guard;
 mod login;
 mod oauth;
 mod report;
+mod state;
 pub mod store;
 
 pub use guard::{BEARER_REFUSED, RESET_ATTEMPTS, STOP_AT_ATTEMPTS, THINGSPACE_LOCKOUT};
@@ -68,12 +76,8 @@ impl UpstreamCredentials {
             self.username,
             self.password.expose()
         );
-        ring::digest::digest(&ring::digest::SHA256, input.as_bytes())
-            .as_ref()
-            .iter()
-            .take(8)
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        let digest = ring::digest::digest(&ring::digest::SHA256, input.as_bytes());
+        crate::util::hex(&digest.as_ref()[..8])
     }
 }
 
@@ -130,10 +134,19 @@ impl Creds {
     }
 }
 
-enum SessionError {
-    /// The login was refused for the bearer token: get a new one and try once more.
+/// Why a token exchange gave no token.
+enum ExchangeError {
+    /// A login was refused for the bearer token: get a new one and try once more.
     BearerRefused,
     Other(GatewayError),
+}
+
+/// A token's calls, as the log and `/readyz` name them.
+fn calls(token: TokenLabel) -> &'static str {
+    match token {
+        TokenLabel::Oauth => "token requests",
+        TokenLabel::Session => "session logins",
+    }
 }
 
 pub struct TokenManager {
@@ -143,18 +156,13 @@ pub struct TokenManager {
     fingerprint: String,
     settings: TokenSettings,
     metrics: Metrics,
-    store: Arc<dyn GuardStore>,
+    /// Held tokens, refresh leases, guards and their store.
+    state: Arc<dyn CredentialState>,
     /// Saves of the session guard in order: each writes the numbers as of its turn, so an older
     /// snapshot never overwrites a newer one.
     save_order: tokio::sync::Mutex<()>,
     epoch: Instant,
     epoch_wall: SystemTime,
-    oauth: ArcSwapOption<OAuthToken>,
-    session: ArcSwapOption<SessionToken>,
-    oauth_lock: tokio::sync::Mutex<()>,
-    session_lock: tokio::sync::Mutex<()>,
-    oauth_guard: Mutex<Guard>,
-    session_guard: Mutex<Guard>,
     /// A guard holds a renewed token under suspicion (checked without a lock on the hot path).
     suspicion: AtomicBool,
     /// Both tokens were held once: `/readyz` answers 200 from then on (SPEC §7).
@@ -163,10 +171,6 @@ pub struct TokenManager {
     closed_until: Mutex<Option<Instant>>,
     /// Wakes the background loop (a reset lifted a stop).
     wake: tokio::sync::Notify,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn rfc3339(t: SystemTime) -> String {
@@ -190,6 +194,18 @@ impl TokenManager {
         metrics: Metrics,
         store: Arc<dyn GuardStore>,
     ) -> Self {
+        let state = Arc::new(LocalState::new(store));
+        Self::with_state(upstream, creds, settings, metrics, state)
+    }
+
+    /// A token manager over `state` (the in-process one, or a shared one in fleet mode).
+    pub(crate) fn with_state(
+        upstream: Arc<Upstream>,
+        creds: UpstreamCredentials,
+        settings: TokenSettings,
+        metrics: Metrics,
+        state: Arc<dyn CredentialState>,
+    ) -> Self {
         let fingerprint = creds.fingerprint();
         let m = Self {
             upstream,
@@ -198,23 +214,17 @@ impl TokenManager {
             metrics,
             epoch: Instant::now(),
             epoch_wall: SystemTime::now(),
-            oauth: ArcSwapOption::empty(),
-            session: ArcSwapOption::empty(),
-            oauth_lock: tokio::sync::Mutex::new(()),
-            session_lock: tokio::sync::Mutex::new(()),
-            oauth_guard: Mutex::new(Guard::default()),
-            session_guard: Mutex::new(Guard::default()),
             suspicion: AtomicBool::new(false),
             ready: AtomicBool::new(false),
             closed_until: Mutex::new(None),
             wake: tokio::sync::Notify::new(),
             save_order: tokio::sync::Mutex::new(()),
-            store,
+            state,
             creds,
         };
         if m.creds.user_configured() {
-            let record = m.store.load(&m.creds.username);
-            *lock(&m.session_guard) = m.guard_from(&record);
+            let record = m.state.guard_store().load(&m.creds.username);
+            *m.state.guard(TokenLabel::Session).lock() = m.guard_from(&record);
         }
         m
     }
@@ -288,8 +298,14 @@ impl TokenManager {
     /// Stores the session guard's numbers; `Err` means they are not durable.
     async fn save_session_guard(&self) -> Result<(), String> {
         let _turn = self.save_order.lock().await;
-        let record = self.record(&lock(&self.session_guard), Instant::now());
-        self.store.save(&self.creds.username, record).await
+        let record = self.record(
+            &self.state.guard(TokenLabel::Session).lock(),
+            Instant::now(),
+        );
+        self.state
+            .guard_store()
+            .save(&self.creds.username, record)
+            .await
     }
 
     fn wall(&self, t: Instant) -> SystemTime {
@@ -310,13 +326,13 @@ impl TokenManager {
     }
 
     fn valid_oauth(&self, now: Instant) -> Option<Arc<OAuthToken>> {
-        self.oauth.load_full().filter(|t| now < t.expires_at)
+        self.state.held_oauth().filter(|t| now < t.expires_at)
     }
 
     fn valid_session(&self, now: Instant) -> Option<Arc<SessionToken>> {
         let margin = session_margin(self.settings.session_idle_timeout);
-        self.session
-            .load_full()
+        self.state
+            .held_session()
             .filter(|s| now + margin < self.session_expiry(s))
     }
 
@@ -329,8 +345,8 @@ impl TokenManager {
             };
             match self.session_token(&oauth, deadline).await {
                 Ok(session) => return Ok(Creds { oauth, session }),
-                Err(SessionError::BearerRefused) => continue,
-                Err(SessionError::Other(e)) => return Err(e),
+                Err(ExchangeError::BearerRefused) => continue,
+                Err(ExchangeError::Other(e)) => return Err(e),
             }
         }
         Err(GatewayError::UpstreamAuthFailed(guard::BEARER_REFUSED))
@@ -344,8 +360,8 @@ impl TokenManager {
             .last_used_ms
             .fetch_max(self.ms(sent_at), Ordering::Relaxed);
         if self.suspicion.load(Ordering::Relaxed) {
-            for g in [&self.oauth_guard, &self.session_guard] {
-                let mut g = lock(g);
+            for token in TokenLabel::ALL {
+                let mut g = self.state.guard(token).lock();
                 if g.suspect.take().is_some() {
                     g.transient = 0;
                 }
@@ -362,13 +378,13 @@ impl TokenManager {
     }
 
     fn refuse_bearer(&self, used: &Secret, origin: Origin) -> Result<(), GatewayError> {
-        let mut g = lock(&self.oauth_guard);
-        let current = self.oauth.load_full();
+        let mut g = self.state.guard(TokenLabel::Oauth).lock();
+        let current = self.state.held_oauth();
         if !current.as_ref().is_some_and(|c| c.token == *used) {
             return Ok(()); // a concurrent request already dealt with it
         }
-        self.oauth.store(None);
-        self.session.store(None);
+        self.state.store_oauth(None);
+        self.state.store_session(None);
         if g.suspect.is_none() {
             g.suspect = Some(origin);
             self.suspicion.store(true, Ordering::Relaxed);
@@ -386,7 +402,7 @@ impl TokenManager {
     /// A login with the bearer was accepted: a suspicion raised at login is cleared (one raised by
     /// a page request is cleared only by a page request).
     fn bearer_accepted_at_login(&self) {
-        let mut g = lock(&self.oauth_guard);
+        let mut g = self.state.guard(TokenLabel::Oauth).lock();
         if g.suspect == Some(Origin::Login) {
             g.suspect = None;
             g.transient = 0;
@@ -396,12 +412,12 @@ impl TokenManager {
     /// The upstream said the session carried by a page request expired or is invalid. `Ok` → log
     /// in again and retry once; `Err` → a fresh session was refused too: backing off.
     pub fn session_refused(&self, used: &Secret) -> Result<(), GatewayError> {
-        let mut g = lock(&self.session_guard);
-        let current = self.session.load_full();
+        let mut g = self.state.guard(TokenLabel::Session).lock();
+        let current = self.state.held_session();
         if !current.as_ref().is_some_and(|c| c.token == *used) {
             return Ok(());
         }
-        self.session.store(None);
+        self.state.store_session(None);
         if g.suspect.is_none() {
             g.suspect = Some(Origin::Page);
             self.suspicion.store(true, Ordering::Relaxed);
@@ -419,7 +435,7 @@ impl TokenManager {
     /// `Err` while the upstream is closed to us (429 cooldown, open circuit): no token call then.
     fn upstream_open(&self, now: Instant) -> Result<(), GatewayError> {
         if let Some(until) = self.upstream.cooldown_until() {
-            *lock(&self.closed_until) = Some(until);
+            *self.closed_until.lock() = Some(until);
             return Err(GatewayError::UpstreamUnavailable {
                 reason: Throttle::Upstream429,
                 retry_after: until.saturating_duration_since(now),
@@ -428,7 +444,7 @@ impl TokenManager {
         }
         if self.upstream.circuit_state() == CircuitState::Open {
             let retry_after = Duration::from_secs(1);
-            *lock(&self.closed_until) = Some(now + retry_after);
+            *self.closed_until.lock() = Some(now + retry_after);
             return Err(GatewayError::UpstreamUnavailable {
                 reason: Throttle::CircuitOpen,
                 retry_after,
@@ -436,32 +452,6 @@ impl TokenManager {
             });
         }
         Ok(())
-    }
-
-    /// A token call that failed without an answer judging the credentials. `made` upstream
-    /// attempts: none means our own protection held it back (no failure counted, no backoff).
-    fn call_failed(
-        &self,
-        guard: &Mutex<Guard>,
-        token: &'static str,
-        e: GatewayError,
-        made: u32,
-        now: Instant,
-    ) -> GatewayError {
-        if let GatewayError::UpstreamUnavailable { retry_after, .. } = &e {
-            *lock(&self.closed_until) = Some(now + *retry_after);
-        }
-        if made == 0 {
-            return e;
-        }
-        self.metrics.token_refresh(token, "failure");
-        tracing::warn!(token, error = %e, "upstream token call failed; backing off");
-        let backoff = lock(guard).back_off(Cause::Transient, now);
-        match e {
-            // A 429 answer keeps its reason (metrics, Retry-After of the cooldown).
-            GatewayError::UpstreamUnavailable { .. } => e,
-            _ => backoff,
-        }
     }
 
     /// When the background loop should act next.
@@ -472,20 +462,20 @@ impl TokenManager {
         let later =
             |ts: &[Option<Instant>]| ts.iter().flatten().copied().filter(|t| *t > now).max();
         let oauth_blocked = {
-            let g = lock(&self.oauth_guard);
+            let g = self.state.guard(TokenLabel::Oauth).lock();
             later(&[g.paused_until, g.backoff_until, g.not_before])
         };
         let held = self.valid_oauth(now);
         let oauth_due = held.as_ref().map(|t| refresh_at(t)).unwrap_or(now);
         let mut next = oauth_due.max(oauth_blocked.unwrap_or(now));
-        if held.is_some() && self.session.load().is_none() && self.creds.user_configured() {
-            let g = lock(&self.session_guard);
+        if held.is_some() && self.state.held_session().is_none() && self.creds.user_configured() {
+            let g = self.state.guard(TokenLabel::Session).lock();
             if !g.is_stopped() {
                 let blocked = later(&[g.paused_until, g.backoff_until]);
                 next = next.min(blocked.unwrap_or(now));
             }
         }
-        match *lock(&self.closed_until) {
+        match *self.closed_until.lock() {
             Some(c) if c > now => next.max(c),
             _ => next,
         }
@@ -505,14 +495,14 @@ impl TokenManager {
             if self.creds.client_configured() {
                 let deadline = Instant::now() + self.settings.call_timeout;
                 let now = Instant::now();
-                match self.oauth.load_full() {
+                match self.state.held_oauth() {
                     Some(t) if now < refresh_at(&t) && now < t.expires_at => {}
                     held => {
                         let _ = self.refresh_oauth(deadline, held.is_some()).await;
                     }
                 }
                 if let Some(oauth) = self.valid_oauth(Instant::now()) {
-                    if self.session.load().is_none() && self.creds.user_configured() {
+                    if self.state.held_session().is_none() && self.creds.user_configured() {
                         // Failures are recorded by the guard (backoff, pause, stop); the next
                         // turn waits for them.
                         let _ = self.session_token(&oauth, deadline).await;

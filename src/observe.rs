@@ -74,6 +74,51 @@ impl RouteLabel {
     }
 }
 
+/// The `token` label of token metrics: the upstream OAuth token or the M2M session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TokenLabel {
+    Oauth,
+    Session,
+}
+
+impl TokenLabel {
+    pub const ALL: [TokenLabel; 2] = [TokenLabel::Oauth, TokenLabel::Session];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenLabel::Oauth => "oauth",
+            TokenLabel::Session => "session",
+        }
+    }
+}
+
+/// The `outcome` label of `token_refreshes_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefreshOutcome {
+    /// A token was issued.
+    Success,
+    /// No usable answer: transport error, timeout, malformed body, a refused bearer.
+    Failure,
+    /// The upstream refused the credentials (or said the user is locked).
+    Rejected,
+}
+
+impl RefreshOutcome {
+    pub const ALL: [RefreshOutcome; 3] = [
+        RefreshOutcome::Success,
+        RefreshOutcome::Failure,
+        RefreshOutcome::Rejected,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefreshOutcome::Success => "success",
+            RefreshOutcome::Failure => "failure",
+            RefreshOutcome::Rejected => "rejected",
+        }
+    }
+}
+
 /// Every metric, in one registry of its own; cheap to clone (the collectors are shared).
 #[derive(Clone)]
 pub struct Metrics {
@@ -85,11 +130,11 @@ pub struct Metrics {
     pub upstream_duration: HistogramVec,
     pub upstream_inflight: IntGauge,
     pub upstream_throttled: IntCounterVec,
-    pub token_refreshes: IntCounterVec,
-    pub token_expiry: GaugeVec,
+    token_refreshes: IntCounterVec,
+    token_expiry: GaugeVec,
     pub circuit_open: IntGauge,
     pub budget_available: Gauge,
-    pub login_paused: IntGaugeVec,
+    login_paused: IntGaugeVec,
     // Handles resolved once, so the hit path does no label lookups.
     pub lookup_hit: IntCounter,
     pub lookup_miss: IntCounter,
@@ -231,12 +276,12 @@ impl Metrics {
         for reason in ["budget", "upstream_429", "circuit_open"] {
             upstream_throttled.with_label_values(&[reason]);
         }
-        for token in ["oauth", "session"] {
-            for outcome in ["success", "failure", "rejected"] {
-                token_refreshes.with_label_values(&[token, outcome]);
+        for token in TokenLabel::ALL {
+            for outcome in RefreshOutcome::ALL {
+                token_refreshes.with_label_values(&[token.as_str(), outcome.as_str()]);
             }
-            token_expiry.with_label_values(&[token]);
-            login_paused.with_label_values(&[token]);
+            token_expiry.with_label_values(&[token.as_str()]);
+            login_paused.with_label_values(&[token.as_str()]);
         }
         let http_ok = RouteLabel::ALL
             .iter()
@@ -318,10 +363,24 @@ impl Metrics {
         self.upstream_throttled.with_label_values(&[reason]).inc();
     }
 
-    pub fn token_refresh(&self, token: &str, outcome: &str) {
+    pub fn token_refresh(&self, token: TokenLabel, outcome: RefreshOutcome) {
         self.token_refreshes
-            .with_label_values(&[token, outcome])
+            .with_label_values(&[token.as_str(), outcome.as_str()])
             .inc();
+    }
+
+    /// Unix time at which the held `token` expires; 0 when none is held.
+    pub fn token_expiry(&self, token: TokenLabel, unix_secs: f64) {
+        self.token_expiry
+            .with_label_values(&[token.as_str()])
+            .set(unix_secs);
+    }
+
+    /// Whether the lockout guard pauses or stops `token`'s logins.
+    pub fn login_paused(&self, token: TokenLabel, paused: bool) {
+        self.login_paused
+            .with_label_values(&[token.as_str()])
+            .set(i64::from(paused));
     }
 
     /// Prometheus text format.

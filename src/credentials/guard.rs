@@ -45,7 +45,7 @@ pub(super) enum Cause {
 }
 
 #[derive(Default)]
-pub(super) struct Guard {
+pub(crate) struct Guard {
     /// Calls rejected for credentials in a row.
     pub(super) rejected: u32,
     /// Logins sent since the last accepted one (session only).

@@ -1,16 +1,18 @@
-//! The OAuth token call: client credentials for a bearer token. Rejections pause token requests
-//! (no attempts, no stop: ThingSpace's lock is on the user); other failures back off.
+//! The OAuth token request: client credentials for a bearer token, through the one
+//! [exchange](super::exchange). Rejections pause token requests (no attempts, no stop:
+//! ThingSpace's lock is on the user); other failures back off.
 
-use super::guard::{self, Cause};
-use super::{lock, sensitive, unix_secs, OAuthToken, TokenManager, MAX_TOKEN_LIFETIME_SECS};
+use super::exchange::{Exchange, Outcome};
+use super::{
+    guard, sensitive, unix_secs, ExchangeError, OAuthToken, TokenManager, MAX_TOKEN_LIFETIME_SECS,
+};
 use crate::error::GatewayError;
-use crate::observe::Endpoint;
+use crate::observe::{Endpoint, TokenLabel};
 use crate::secret::Secret;
-use crate::upstream::transport::OutRequest;
+use crate::upstream::transport::{OutRequest, RawResponse};
 use base64::Engine;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -23,62 +25,67 @@ impl TokenManager {
         deadline: Instant,
         proactive: bool,
     ) -> Result<Arc<OAuthToken>, GatewayError> {
-        let _flight = tokio::time::timeout_at(deadline, self.oauth_lock.lock())
+        let _lease = tokio::time::timeout_at(deadline, self.state.refresh_lease(TokenLabel::Oauth))
             .await
             .map_err(|_| GatewayError::UpstreamTimeout)?;
-        let now = Instant::now();
         if !proactive {
-            if let Some(t) = self.valid_oauth(now) {
+            if let Some(t) = self.valid_oauth(Instant::now()) {
                 return Ok(t); // refreshed by the flight we waited for
             }
         }
-        if !self.creds.client_configured() {
-            return Err(GatewayError::UpstreamAuthFailed(guard::NOT_CONFIGURED));
-        }
-        let not_before = {
-            let g = lock(&self.oauth_guard);
-            g.check(now)?;
-            g.not_before
+        let exchange = Exchange {
+            token: TokenLabel::Oauth,
+            endpoint: Endpoint::OauthToken,
+            configured: self.creds.client_configured(),
+            charged: false,
+            request: self.token_request(),
+            parse: |resp, sent| self.parse_token(resp, sent),
         };
-        if let Some(nb) = not_before.filter(|nb| *nb > now) {
-            if nb > deadline {
-                return Err(GatewayError::UpstreamTimeout);
-            }
-            tokio::time::sleep_until(nb).await;
-        }
-        self.upstream_open(Instant::now())?;
-        let sent = Instant::now();
-        let made = AtomicU32::new(0);
-        let result = self
-            .upstream
-            .call(Endpoint::OauthToken, self.token_request(), deadline, &made)
-            .await;
+        let new = self
+            .exchange(exchange, deadline)
+            .await
+            .map_err(|e| match e {
+                ExchangeError::Other(e) => e,
+                // Only a login's answer says this; kept total rather than assumed away.
+                ExchangeError::BearerRefused => {
+                    GatewayError::UpstreamAuthFailed(guard::BEARER_REFUSED)
+                }
+            })?;
         let now = Instant::now();
-        let resp = match result {
-            Ok(r) => r,
-            Err(e) => {
-                let made = made.load(Ordering::Relaxed);
-                return Err(self.call_failed(&self.oauth_guard, "oauth", e, made, now));
-            }
-        };
+        if new.expires_at <= now {
+            // Same token, in its last second: ask again shortly instead of spinning.
+            self.state.guard(TokenLabel::Oauth).lock().not_before =
+                Some(now + Duration::from_secs(1));
+        }
+        self.metrics
+            .token_expiry(TokenLabel::Oauth, unix_secs(self.wall(new.expires_at)));
+        self.state.store_oauth(Some(new.clone()));
+        if new.expires_at <= now {
+            return Err(GatewayError::TokensUnavailable {
+                retry_after: Duration::from_secs(1),
+            });
+        }
+        Ok(new)
+    }
+
+    /// A token answer → a token. An answer that is not a usable token is a transient failure
+    /// (503), not the credentials; any 4xx (a `fault` 401 included) refuses the client id or
+    /// secret.
+    fn parse_token(&self, resp: RawResponse, sent: Instant) -> Outcome<Arc<OAuthToken>> {
         let status = resp.status.as_u16();
         if resp.status.is_client_error() {
-            // A 4xx other than 429 (a `fault` 401 included): the client id or secret is refused.
-            self.metrics.token_refresh("oauth", "rejected");
-            lock(&self.oauth_guard).rejected(
-                "token requests",
-                status,
-                self.settings.max_failed_logins,
-                self.settings.login_pause,
-                now,
-            );
-            return Err(GatewayError::UpstreamAuthFailed(guard::REJECTED));
+            return Outcome::Rejected(status);
         }
         #[derive(serde::Deserialize)]
         struct TokenBody {
             access_token: String,
             expires_in: u64,
         }
+        let malformed = || {
+            Outcome::Unknown(GatewayError::BadGateway(
+                "upstream token response is malformed".into(),
+            ))
+        };
         let body = match serde_json::from_slice::<TokenBody>(&resp.body) {
             Ok(b) if resp.status.is_success() && !b.access_token.is_empty() => b,
             _ => {
@@ -87,14 +94,14 @@ impl TokenManager {
                     bytes = resp.body.len(),
                     "upstream token response is malformed"
                 );
-                return Err(self.malformed("oauth", &self.oauth_guard, now));
+                return malformed();
             }
         };
         let token = Secret::new(body.access_token);
         // An upstream that claims a lifetime of centuries gets a day: Instant arithmetic must not
         // overflow, and a day is far beyond ThingSpace's real hour.
         let estimate = sent + Duration::from_secs(body.expires_in.min(MAX_TOKEN_LIFETIME_SECS));
-        let current = self.oauth.load_full();
+        let current = self.state.held_oauth();
         let new = match current.filter(|c| c.token == token) {
             Some(cur) => OAuthToken {
                 token,
@@ -104,7 +111,7 @@ impl TokenManager {
             },
             None if body.expires_in == 0 => {
                 tracing::warn!("upstream issued a token that is already expired");
-                return Err(self.malformed("oauth", &self.oauth_guard, now));
+                return malformed();
             }
             None => OAuthToken {
                 token,
@@ -113,38 +120,7 @@ impl TokenManager {
                 same_returned: false,
             },
         };
-        let new = Arc::new(new);
-        {
-            let mut g = lock(&self.oauth_guard);
-            g.accepted();
-            if new.expires_at <= now {
-                // Same token, in its last second: ask again shortly instead of spinning.
-                g.not_before = Some(now + Duration::from_secs(1));
-            }
-        }
-        self.metrics.token_refresh("oauth", "success");
-        self.metrics
-            .token_expiry
-            .with_label_values(&["oauth"])
-            .set(unix_secs(self.wall(new.expires_at)));
-        self.oauth.store(Some(new.clone()));
-        if new.expires_at <= now {
-            return Err(GatewayError::TokensUnavailable {
-                retry_after: Duration::from_secs(1),
-            });
-        }
-        Ok(new)
-    }
-
-    /// An answer that is not a usable token: a transient failure (503), not the credentials.
-    pub(super) fn malformed(
-        &self,
-        token: &'static str,
-        guard: &std::sync::Mutex<guard::Guard>,
-        now: Instant,
-    ) -> GatewayError {
-        self.metrics.token_refresh(token, "failure");
-        lock(guard).back_off(Cause::Transient, now)
+        Outcome::Accepted(Arc::new(new))
     }
 
     fn token_request(&self) -> OutRequest {

@@ -2,7 +2,8 @@
 //! clock-bound gauges, and `POST /credentials/reset`. Never a token value.
 
 use super::guard::{Guard, RESET_ATTEMPTS};
-use super::{lock, rfc3339, unix_secs, TokenManager};
+use super::{calls, rfc3339, unix_secs, TokenManager};
+use crate::observe::TokenLabel;
 use crate::upstream::circuit::CircuitState;
 use std::sync::atomic::Ordering;
 use tokio::time::Instant;
@@ -34,14 +35,12 @@ impl TokenManager {
         if self.valid_oauth(now).is_none() {
             reasons.push("no OAuth token held yet".to_string());
         }
-        if self.session.load().is_none() {
+        if self.state.held_session().is_none() {
             reasons.push("no session token held yet".to_string());
         }
-        for (what, guard) in [
-            ("token requests", &self.oauth_guard),
-            ("session logins", &self.session_guard),
-        ] {
-            let g = lock(guard);
+        for token in TokenLabel::ALL {
+            let what = calls(token);
+            let g = self.state.guard(token).lock();
             if g.locked {
                 reasons.push(format!(
                     "{what} stopped: ThingSpace reports the user locked; POST /credentials/reset \
@@ -78,10 +77,10 @@ impl TokenManager {
                 "stopped": g.is_stopped(),
             })
         };
-        let mut oauth_json = guard_json(&lock(&self.oauth_guard));
-        let mut session_json = guard_json(&lock(&self.session_guard));
+        let mut oauth_json = guard_json(&self.state.guard(TokenLabel::Oauth).lock());
+        let mut session_json = guard_json(&self.state.guard(TokenLabel::Session).lock());
         let oauth = self.valid_oauth(now);
-        let session = self.session.load_full();
+        let session = self.state.held_session();
         let session_exp = session.as_ref().map(|s| self.session_expiry(s));
         oauth_json["held"] = oauth.is_some().into();
         oauth_json["expires_at"] = oauth.map(|t| rfc3339(self.wall(t.expires_at))).into();
@@ -93,30 +92,18 @@ impl TokenManager {
     /// Refreshes the gauges that depend on the clock (called at scrape time).
     pub fn update_metrics(&self) {
         let now = Instant::now();
-        for (token, guard) in [
-            ("oauth", &self.oauth_guard),
-            ("session", &self.session_guard),
-        ] {
-            let g = lock(guard);
+        for token in TokenLabel::ALL {
+            let g = self.state.guard(token).lock();
             let paused = g.is_stopped() || g.paused(now).is_some();
-            self.metrics
-                .login_paused
-                .with_label_values(&[token])
-                .set(i64::from(paused));
+            self.metrics.login_paused(token, paused);
         }
-        let session = self.session.load_full();
+        let session = self.state.held_session();
         let v = session
             .map(|s| unix_secs(self.wall(self.session_expiry(&s))))
             .unwrap_or(0.0);
-        self.metrics
-            .token_expiry
-            .with_label_values(&["session"])
-            .set(v);
-        if self.oauth.load().is_none() {
-            self.metrics
-                .token_expiry
-                .with_label_values(&["oauth"])
-                .set(0.0);
+        self.metrics.token_expiry(TokenLabel::Session, v);
+        if self.state.held_oauth().is_none() {
+            self.metrics.token_expiry(TokenLabel::Oauth, 0.0);
         }
     }
 
@@ -126,7 +113,7 @@ impl TokenManager {
     /// stored (the next login is then refused too, as it cannot be recorded).
     pub async fn reset_login_guard(&self) -> Result<(), String> {
         {
-            let mut g = lock(&self.session_guard);
+            let mut g = self.state.guard(TokenLabel::Session).lock();
             tracing::warn!(
                 rejected = g.rejected,
                 attempts = g.attempts,

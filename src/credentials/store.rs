@@ -7,6 +7,7 @@
 //! and the directory is synced, so a crash leaves either the old numbers or the new ones.
 //! Fleet mode (SPEC §10) puts a Redis implementation behind the same trait.
 
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
@@ -14,7 +15,6 @@ use std::future::Future;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Mutex;
 
 /// What an unreadable or corrupt guard file counts as: one login left before the stop.
 pub const UNREADABLE_ATTEMPTS: u32 = 3;
@@ -60,12 +60,12 @@ pub struct MemoryStore(Mutex<HashMap<String, Record>>);
 
 impl GuardStore for MemoryStore {
     fn load(&self, username: &str) -> Record {
-        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let m = self.0.lock();
         m.get(username).cloned().unwrap_or_default()
     }
 
     fn save<'a>(&'a self, username: &'a str, record: Record) -> SaveFuture<'a> {
-        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = self.0.lock();
         m.insert(username.to_string(), record);
         Box::pin(std::future::ready(Ok(())))
     }
@@ -208,7 +208,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 impl GuardStore for FileStore {
     fn load(&self, username: &str) -> Record {
-        let doc = self.doc.lock().unwrap_or_else(|p| p.into_inner());
+        let doc = self.doc.lock();
         doc.users.get(username).cloned().unwrap_or(Record {
             attempts: doc.unlisted_attempts,
             ..Record::default()
@@ -219,7 +219,7 @@ impl GuardStore for FileStore {
         Box::pin(async move {
             let _order = self.write.lock().await;
             let bytes = {
-                let mut doc = self.doc.lock().unwrap_or_else(|p| p.into_inner());
+                let mut doc = self.doc.lock();
                 doc.users.insert(username.to_string(), record);
                 serde_json::to_vec_pretty(&*doc).map_err(|e| e.to_string())?
             };

@@ -115,8 +115,7 @@ fn hit_path(c: &mut Criterion) {
                 http::StatusCode::OK,
                 thingspace_gateway::respond::JSON,
                 body.clone(),
-                tokio::time::Instant::now(),
-                std::time::Duration::from_secs(60),
+                thingspace_gateway::cache::clock::now(),
             ))
         })
     });

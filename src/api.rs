@@ -29,7 +29,6 @@ pub const ACCESS_LOG: &str = "access";
 mod headers;
 pub mod route;
 
-use crate::read::entry_response;
 pub use headers::MAX_HEADERS;
 use headers::{accepts_gzip, check_header_limits, request_id};
 /// POST bodies (token and login requests) are small forms.
@@ -171,10 +170,7 @@ impl State {
             Route::Token => return Err(GatewayError::NotFound),
         };
         let (entry, result) = self.reader.cached(key, ctx).await?;
-        Ok((
-            entry_response(&entry, result, ctx, ctx.started),
-            Some(result),
-        ))
+        Ok((self.reader.respond(&entry, result, ctx), Some(result)))
     }
 }
 

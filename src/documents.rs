@@ -3,15 +3,15 @@
 //! Each stored page is read once, into its [`PageIndex`]; a warm walk or lookup parses no page.
 
 use crate::cache::page::PageIndex;
-use crate::cache::{Entry, Key, Kind};
+use crate::cache::{clock, Entry, Key, Kind};
 use crate::error::GatewayError;
+use crate::read::answer::{self, View};
 use crate::read::Reader;
 use crate::read::{entry_response, CacheResult, Ctx};
 use crate::respond::Body;
 use bytes::Bytes;
-use http::{header, HeaderValue, Response, StatusCode};
+use http::{HeaderValue, Response, StatusCode};
 use std::sync::Arc;
-use tokio::time::Instant;
 
 /// A walked account: its pages in cursor order, with their indexes.
 struct Walk {
@@ -59,7 +59,7 @@ async fn walk(g: &Arc<Reader>, account: &str, ctx: &Ctx) -> Result<Walked, Gatew
             index,
         };
         let (entry, r) = g.cached(key, ctx).await?;
-        if entry.status != StatusCode::OK {
+        if entry.status() != StatusCode::OK {
             return Ok(Walked::Refused(entry, r));
         }
         result = worse(result, r);
@@ -87,59 +87,41 @@ async fn walk(g: &Arc<Reader>, account: &str, ctx: &Ctx) -> Result<Walked, Gatew
 fn combined_etag(pages: &[Arc<Entry>]) -> HeaderValue {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     for p in pages {
-        ctx.update(p.etag.as_bytes());
+        ctx.update(p.etag().as_bytes());
     }
-    let hex: String = ctx.finish().as_ref()[..12]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let hex = crate::util::hex(&ctx.finish().as_ref()[..12]);
     HeaderValue::from_str(&format!("\"w{hex}\"")).unwrap_or(HeaderValue::from_static("\"w0\""))
 }
 
-fn finish(
-    mut resp: Response<Body>,
-    etag: HeaderValue,
-    result: CacheResult,
-    pages: &[Arc<Entry>],
-    ctx: &Ctx,
-) -> Response<Body> {
-    let now = Instant::now();
-    let oldest = pages
-        .iter()
-        .map(|p| p.age(now).as_secs())
-        .max()
-        .unwrap_or(0);
-    let fresh = pages.iter().map(|p| p.fresh_left(now)).min().unwrap_or(0);
-    let not_modified = ctx
-        .if_none_match
-        .as_ref()
-        .is_some_and(|v| v.as_bytes() == etag.as_bytes() || v == "*");
-    if not_modified {
-        *resp.status_mut() = StatusCode::NOT_MODIFIED;
-        *resp.body_mut() = Body::default();
-    } else if ctx.head {
-        let len = resp.body().len();
-        *resp.body_mut() = Body::default();
-        resp.headers_mut()
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+/// A document assembled from the walked pages: as old as its oldest page, fresh for as long as
+/// its least fresh page (with the current windows).
+fn document(w: &Walk, g: &Reader, etag: HeaderValue, body: Body, gzip: Option<Bytes>) -> View {
+    let now = clock::now();
+    let windows = g.windows();
+    View {
+        status: StatusCode::OK,
+        content_type: crate::respond::JSON,
+        etag,
+        age: w
+            .pages
+            .iter()
+            .map(|p| p.age(now).as_secs())
+            .max()
+            .unwrap_or(0),
+        fresh_left: w
+            .pages
+            .iter()
+            .map(|p| p.fresh_left(now, &windows))
+            .min()
+            .unwrap_or(0),
+        body,
+        gzip,
     }
-    let h = resp.headers_mut();
-    h.insert(header::ETAG, etag);
-    h.insert(header::AGE, crate::read::answer::age_value(oldest));
-    h.insert(
-        header::CACHE_CONTROL,
-        crate::read::answer::cache_control_value(fresh),
-    );
-    h.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
-    h.insert(
-        "x-cache",
-        HeaderValue::from_static(match result {
-            CacheResult::Hit => "HIT",
-            CacheResult::Miss => "MISS",
-            CacheResult::Stale => "STALE",
-        }),
-    );
-    resp
+}
+
+/// A refused page, passed through as the cache answers it.
+fn refused(g: &Reader, e: &Entry, r: CacheResult, ctx: &Ctx) -> Response<Body> {
+    entry_response(e, r, ctx, clock::now(), &g.windows())
 }
 
 /// `GET /gateway/v1/accounts/{account}/licenses`
@@ -150,7 +132,7 @@ pub async fn account_licenses(
 ) -> Result<(Response<Body>, CacheResult), GatewayError> {
     let w = match walk(g, account, ctx).await? {
         Walked::Pages(w) => w,
-        Walked::Refused(e, r) => return Ok((entry_response(&e, r, ctx, Instant::now()), r)),
+        Walked::Refused(e, r) => return Ok((refused(g, &e, r, ctx), r)),
     };
     let pages_with_devices = || w.indexes.iter().filter(|p| p.device_count > 0);
     let count: usize = pages_with_devices().map(|p| p.device_count).sum();
@@ -169,41 +151,15 @@ pub async fn account_licenses(
     }
     all.push(Bytes::from_static(b"]}"));
     let etag = combined_etag(&w.pages);
-    let gzip = if ctx.accept_gzip && !ctx.head {
-        gzip_document(g, &etag, &all).await
+    // Compressed (once per version) whenever the answer would carry it, HEAD included, so a
+    // HEAD reports the length and encoding the GET sends; not for a 304.
+    let gzip = if ctx.accept_gzip && !answer::not_modified(StatusCode::OK, &etag, ctx) {
+        g.cache().document_gzip(&etag, &all).await
     } else {
         None
     };
-    let mut resp = match &gzip {
-        Some(gz) => Response::new(Body::new(gz.clone())),
-        None => Response::new(Body::from_chunks(all)),
-    };
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, crate::respond::JSON);
-    if gzip.is_some() {
-        resp.headers_mut()
-            .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
-    }
-    Ok((finish(resp, etag, w.result, &w.pages, ctx), w.result))
-}
-
-/// The document's gzip form, compressed once per version (ETag) off the async threads;
-/// concurrent requests for the same version wait for the one compression.
-async fn gzip_document(g: &Arc<Reader>, etag: &HeaderValue, chunks: &[Bytes]) -> Option<Bytes> {
-    let key = etag.to_str().ok()?.to_string();
-    let parts: Vec<Bytes> = chunks.to_vec();
-    g.cache()
-        .derived_gzip
-        .optionally_get_with(key, async move {
-            tokio::task::spawn_blocking(move || {
-                let slices: Vec<&[u8]> = parts.iter().map(|b| b.as_ref()).collect();
-                crate::cache::gzip_parts(&slices)
-            })
-            .await
-            .ok()
-            .flatten()
-        })
-        .await
+    let view = document(&w, g, etag, Body::from_chunks(all), gzip);
+    Ok((answer::respond(view, w.result, ctx), w.result))
 }
 
 /// `GET /gateway/v1/accounts/{account}/licenses/{deviceId}`
@@ -215,7 +171,7 @@ pub async fn device_license(
 ) -> Result<(Response<Body>, CacheResult), GatewayError> {
     let w = match walk(g, account, ctx).await? {
         Walked::Pages(w) => w,
-        Walked::Refused(e, r) => return Ok((entry_response(&e, r, ctx, Instant::now()), r)),
+        Walked::Refused(e, r) => return Ok((refused(g, &e, r, ctx), r)),
     };
     let mut found: Option<serde_json::Value> = None;
     for page in &w.indexes {
@@ -231,7 +187,6 @@ pub async fn device_license(
         found.is_some(),
         found.unwrap_or(serde_json::Value::Null)
     );
-    let resp = crate::respond::json(StatusCode::OK, Bytes::from(body));
     let etag = {
         let base = combined_etag(&w.pages);
         let b = base
@@ -241,5 +196,7 @@ pub async fn device_license(
             .to_string();
         HeaderValue::from_str(&format!("{b}-{device_id}\"")).unwrap_or(base)
     };
-    Ok((finish(resp, etag, w.result, &w.pages, ctx), w.result))
+    // Small: never worth compressing.
+    let view = document(&w, g, etag, Body::new(Bytes::from(body)), None);
+    Ok((answer::respond(view, w.result, ctx), w.result))
 }

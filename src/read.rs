@@ -4,8 +4,7 @@
 
 pub mod answer;
 
-use crate::cache::PageCache;
-use crate::cache::{Entry, Freshness, Join, Key, Kind, RefreshClaim};
+use crate::cache::{clock, Entry, Freshness, Join, Key, Kind, PageCache, RefreshClaim, Windows};
 use crate::clients::Principal;
 use crate::config::Config;
 use crate::credentials::TokenManager;
@@ -13,11 +12,12 @@ use crate::credentials::BEARER_REFUSED;
 use crate::error::GatewayError;
 use crate::observe::Endpoint;
 use crate::observe::Metrics;
+use crate::respond::Body;
 use crate::upstream::transport::OutRequest;
 use crate::upstream::Upstream;
 pub use answer::{entry_response, CacheResult};
 use bytes::Bytes;
-use http::{header, HeaderValue, Method, StatusCode};
+use http::{header, HeaderValue, Method, Response, StatusCode};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use tokio::time::Instant;
@@ -111,6 +111,17 @@ impl Reader {
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }
+
+    /// The freshness windows of the current config: read at every lookup, never stored with an
+    /// entry, so a change of `ttl` applies to entries already cached.
+    pub fn windows(&self) -> Windows {
+        Windows::from_config(&self.cfg.cache)
+    }
+
+    /// The answer for one cached entry, its age measured from when the request arrived.
+    pub fn respond(&self, e: &Entry, result: CacheResult, ctx: &Ctx) -> Response<Body> {
+        entry_response(e, result, ctx, clock::at(ctx.started), &self.windows())
+    }
 }
 
 /// The name a read waits for upstream budget under: its client's id, "" when anonymous.
@@ -172,16 +183,13 @@ pub async fn fetch_entry(
             });
         }
         g.tokens.touch(&creds, sent);
-        let fresh_for = if resp.status == StatusCode::OK {
-            g.cfg.cache.ttl.0
-        } else if resp.status.is_client_error() {
-            g.cfg.cache.negative_ttl.0
-        } else {
+        // 200s and 4xx (negative answers) are stored; their freshness is decided at read time.
+        if resp.status != StatusCode::OK && !resp.status.is_client_error() {
             return Err(GatewayError::BadGateway(format!(
                 "unexpected upstream status {}",
                 resp.status.as_u16()
             )));
-        };
+        }
         // A copy, not a clone: a parsed header value shares the connection's whole read buffer,
         // which the cache would then keep alive alongside the entry.
         let content_type = resp
@@ -193,8 +201,7 @@ pub async fn fetch_entry(
             resp.status,
             content_type,
             resp.body,
-            Instant::now(),
-            fresh_for,
+            clock::now(),
         )));
     }
     Err(GatewayError::UpstreamAuthFailed(BEARER_REFUSED))
@@ -209,12 +216,12 @@ impl Reader {
         key: Key,
         ctx: &Ctx,
     ) -> Result<(Arc<Entry>, CacheResult), GatewayError> {
-        // The request's start stands for "now": a clock read less per lookup, and freshness
-        // measured from when the client asked.
-        let now = ctx.started;
+        // The request's start stands for "now": freshness measured from when the client asked.
+        let now = clock::at(ctx.started);
+        let windows = self.windows();
         let existing = self.cache.store.get(&key).await;
         if let Some(e) = &existing {
-            match e.freshness(now, &self.cache.windows) {
+            match e.freshness(now, &windows) {
                 Freshness::Fresh => {
                     self.metrics.lookup_hit.inc();
                     return Ok((e.clone(), CacheResult::Hit));
@@ -235,7 +242,7 @@ impl Reader {
             key.clone(),
             ctx.who.clone(),
             ctx.request_id.clone(),
-            now + self.cfg.server.request_timeout.0,
+            ctx.started + self.cfg.server.request_timeout.0,
             attempts.clone(),
         );
         let (result, join) = self.cache.fetch(key, ctx.deadline, fetch).await;
@@ -252,9 +259,9 @@ impl Reader {
                 if let Some(t) = err.throttle() {
                     self.metrics.throttled(t.label());
                 }
-                match existing.filter(|e| {
-                    err.stale_eligible() && e.usable_on_error(Instant::now(), &self.cache.windows)
-                }) {
+                match existing
+                    .filter(|e| err.stale_eligible() && e.usable_on_error(clock::now(), &windows))
+                {
                     Some(e) => {
                         self.metrics.lookup_stale.inc();
                         tracing::debug!(error = %err, "serving stale copy");

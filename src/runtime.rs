@@ -130,15 +130,11 @@ impl Gateway {
             metrics.clone(),
             guard_store,
         ));
-        let windows = Windows {
-            stale_while_revalidate: cfg.cache.stale_while_revalidate.0,
-            stale_if_error: cfg.cache.stale_if_error.0,
-        };
+        let windows = Windows::from_config(&cfg.cache);
         let cache = Arc::new(PageCache::new(
             Arc::new(MokaStore::new(cfg.cache.max_bytes.0, windows)),
-            windows,
             cfg.cache.max_bytes.0,
-            cfg.cache.ttl.0,
+            windows,
         ));
         let clients = Clients::new(&cfg.clients)?;
         let cfg = Arc::new(cfg);

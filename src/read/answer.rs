@@ -1,13 +1,15 @@
 //! The one writer of cached answers: status, body (identity or gzip), `X-Cache`, `Age`, `ETag`
-//! with `If-None-Match` → 304, `Cache-Control`, `Vary`, and `HEAD`. Pages, subscriptions and
-//! whole-account documents all answer through [`entry_response`].
+//! with `If-None-Match` → 304, `Cache-Control`, `Vary`, and `HEAD`. Pages and subscriptions
+//! (one stored entry) and whole-account documents (assembled from several) each give a [`View`]
+//! and answer through [`respond`], so they answer conditional requests, `HEAD` and gzip alike.
 
 use super::Ctx;
-use crate::cache::Entry;
+use crate::cache::{Entry, Windows};
 use crate::respond::Body;
+use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use std::sync::OnceLock;
-use tokio::time::Instant;
+use std::time::SystemTime;
 
 pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 
@@ -70,56 +72,100 @@ fn etag_matches(inm: &HeaderValue, etag: &HeaderValue) -> bool {
     })
 }
 
-/// The response for a cached entry: shares the entry's `Bytes`, copies nothing.
-pub fn entry_response(e: &Entry, result: CacheResult, ctx: &Ctx, now: Instant) -> Response<Body> {
-    let not_modified = e.status == StatusCode::OK
+/// What a cached answer is made of, whichever way it was put together.
+#[derive(Debug)]
+pub struct View {
+    pub status: StatusCode,
+    pub content_type: HeaderValue,
+    pub etag: HeaderValue,
+    /// Seconds since the (oldest) fetch behind the answer: `Age`.
+    pub age: u64,
+    /// Seconds of freshness left (the least of the parts'): `max-age`.
+    pub fresh_left: u64,
+    /// The identity body.
+    pub body: Body,
+    /// The gzip form, when there is one; sent to clients that accept it.
+    pub gzip: Option<Bytes>,
+}
+
+impl View {
+    /// One stored entry at `now`, with the current windows. Shares the entry's `Bytes`.
+    pub fn of_entry(e: &Entry, now: SystemTime, w: &Windows) -> View {
+        View {
+            status: e.status(),
+            content_type: e.content_type().clone(),
+            etag: e.etag().clone(),
+            age: e.age(now).as_secs(),
+            fresh_left: e.fresh_left(now, w),
+            body: Body::new(e.body().clone()),
+            gzip: e.gzip().cloned(),
+        }
+    }
+}
+
+/// Whether the request's `If-None-Match` matches an answer with `status` and `etag` (a 304
+/// then goes out instead): a list, weak tags (`W/`) and `*` all count; only 200s are matched.
+pub fn not_modified(status: StatusCode, etag: &HeaderValue, ctx: &Ctx) -> bool {
+    status == StatusCode::OK
         && ctx
             .if_none_match
             .as_ref()
-            .is_some_and(|inm| etag_matches(inm, &e.etag));
-    let gz = if ctx.accept_gzip {
-        e.gzip.as_ref()
-    } else {
-        None
-    };
-    let body = gz.unwrap_or(&e.body);
+            .is_some_and(|inm| etag_matches(inm, etag))
+}
+
+/// The response for a cached answer: copies no body bytes.
+pub fn respond(view: View, result: CacheResult, ctx: &Ctx) -> Response<Body> {
+    let not_modified = not_modified(view.status, &view.etag, ctx);
+    let gzip = view.gzip.filter(|_| ctx.accept_gzip);
+    let sent_len = gzip.as_ref().map_or_else(|| view.body.len(), Bytes::len);
     let mut resp = if not_modified || ctx.head {
         Response::new(Body::default())
     } else {
-        Response::new(Body::new(body.clone()))
+        match &gzip {
+            Some(gz) => Response::new(Body::new(gz.clone())),
+            None => Response::new(view.body),
+        }
     };
     // Room for every header this answer gets, so inserting never regrows the map.
     *resp.headers_mut() = HeaderMap::with_capacity(12);
     *resp.status_mut() = if not_modified {
         StatusCode::NOT_MODIFIED
     } else {
-        e.status
+        view.status
     };
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, e.content_type.clone());
+    h.insert(header::CONTENT_TYPE, view.content_type);
     h.insert(X_CACHE, result.header());
-    h.insert(header::AGE, age_value(e.age(now).as_secs()));
-    h.insert(header::ETAG, e.etag.clone());
-    h.insert(
-        header::CACHE_CONTROL,
-        cache_control_value(e.fresh_left(now)),
-    );
+    h.insert(header::AGE, age_value(view.age));
+    h.insert(header::ETAG, view.etag);
+    h.insert(header::CACHE_CONTROL, cache_control_value(view.fresh_left));
     h.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
-    if gz.is_some() && !not_modified {
+    if gzip.is_some() && !not_modified {
         h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
     }
     if ctx.head && !not_modified {
-        h.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(sent_len));
     }
     resp
+}
+
+/// The response for one stored entry at `now`, with the current windows.
+pub fn entry_response(
+    e: &Entry,
+    result: CacheResult,
+    ctx: &Ctx,
+    now: SystemTime,
+    w: &Windows,
+) -> Response<Body> {
+    respond(View::of_entry(e, now, w), result, ctx)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
+    use crate::cache::fixtures::windows;
     use std::sync::atomic::AtomicU32;
-    use std::time::Duration;
+    use tokio::time::Instant;
 
     fn ctx(gzip: bool, head: bool) -> Ctx {
         Ctx {
@@ -143,22 +189,48 @@ mod tests {
             StatusCode::OK,
             crate::respond::JSON,
             Bytes::from(body),
-            Instant::now(),
-            Duration::from_secs(60),
+            SystemTime::now(),
         );
-        for (gzip, cached) in [(false, &e.body), (true, e.gzip.as_ref().unwrap())] {
-            let r = entry_response(&e, CacheResult::Hit, &ctx(gzip, false), Instant::now());
+        let w = windows();
+        for (gzip, cached) in [(false, e.body()), (true, e.gzip().unwrap())] {
+            let r = entry_response(
+                &e,
+                CacheResult::Hit,
+                &ctx(gzip, false),
+                SystemTime::now(),
+                &w,
+            );
             let chunks: Vec<&Bytes> = r.body().chunks().collect();
             assert_eq!(chunks.len(), 1);
             // Same allocation, same length: a pointer was cloned, not the bytes.
             assert_eq!(chunks[0].as_ptr(), cached.as_ptr());
             assert_eq!(chunks[0].len(), cached.len());
         }
-        let r = entry_response(&e, CacheResult::Hit, &ctx(false, true), Instant::now());
+        let r = entry_response(
+            &e,
+            CacheResult::Hit,
+            &ctx(false, true),
+            SystemTime::now(),
+            &w,
+        );
         assert!(r.body().is_empty());
         assert_eq!(
             r.headers()[header::CONTENT_LENGTH],
-            e.body.len().to_string().as_str()
+            e.body().len().to_string().as_str()
+        );
+        // HEAD with gzip: the length and encoding the GET would send.
+        let r = entry_response(
+            &e,
+            CacheResult::Hit,
+            &ctx(true, true),
+            SystemTime::now(),
+            &w,
+        );
+        assert!(r.body().is_empty());
+        assert_eq!(r.headers()[header::CONTENT_ENCODING], "gzip");
+        assert_eq!(
+            r.headers()[header::CONTENT_LENGTH],
+            e.gzip().unwrap().len().to_string().as_str()
         );
     }
 

@@ -228,3 +228,62 @@ async fn device_lookups_on_every_page_and_between_devices() {
         "2500 devices in pages of 300, walked once"
     );
 }
+
+/// Whole-account documents answer conditional requests, HEAD and gzip through the same writer
+/// as pages: weak tags and lists match (test fails on previous main: only an exact tag did), and
+/// a HEAD that accepts gzip reports the encoding and length the GET sends (it dropped both).
+#[tokio::test]
+async fn documents_answer_conditionals_head_and_gzip_like_pages() {
+    let sim = start_sim(sim_opts()).await;
+    let gw = start_gateway(config(&sim.base_url(), "")).await;
+    let account = sim.account_names()[0].clone();
+    let doc = format!("{}/gateway/v1/accounts/{account}/licenses", gw.base_url());
+    let device = sim.imeis(&account)[0];
+    let lookup = format!("{doc}/{device}");
+    let page = format!("{}{}", gw.base_url(), license_path(&account, 0));
+    let first = get(&doc).await;
+    assert_eq!(first.status, StatusCode::OK);
+    let upstream_calls = sim.count("licenses");
+    assert!(upstream_calls >= 2, "a walk of several pages");
+    for url in [&doc, &lookup, &page] {
+        let got = get(url).await;
+        assert_eq!((got.status, got.header("x-cache")), (StatusCode::OK, "HIT"));
+        let etag = got.header("etag").to_string();
+        assert!(etag.starts_with('"'), "{etag}");
+        for inm in [
+            format!("W/{etag}"),
+            format!("\"other\", {etag}"),
+            format!("\"other\", W/{etag}"),
+            "*".to_string(),
+        ] {
+            let r = get_with(url, &[("if-none-match", &inm)]).await;
+            assert_eq!(r.status, StatusCode::NOT_MODIFIED, "{url} {inm}");
+            assert!(r.body.is_empty());
+            assert_eq!(r.header("etag"), etag);
+            assert_eq!(r.header("content-encoding"), "");
+        }
+        let r = get_with(url, &[("if-none-match", "\"other\", W/\"w0\"")]).await;
+        assert_eq!(r.status, StatusCode::OK, "{url}");
+        // HEAD sends the headers the GET sends, with and without gzip.
+        for accept in ["identity", "gzip"] {
+            let get = get_with(url, &[("accept-encoding", accept)]).await;
+            let head = request(Method::HEAD, url, &[("accept-encoding", accept)], b"").await;
+            assert_eq!(head.status, StatusCode::OK);
+            assert!(head.body.is_empty());
+            for name in ["content-encoding", "content-type", "etag", "vary"] {
+                assert_eq!(head.header(name), get.header(name), "{url} {accept} {name}");
+            }
+            assert_eq!(
+                head.header("content-length"),
+                get.body.len().to_string(),
+                "{url} {accept}"
+            );
+        }
+    }
+    // The document and the page are big enough to be sent compressed.
+    for url in [&doc, &page] {
+        let gz = get_with(url, &[("accept-encoding", "gzip")]).await;
+        assert_eq!(gz.header("content-encoding"), "gzip", "{url}");
+    }
+    assert_eq!(sim.count("licenses"), upstream_calls, "all from the cache");
+}

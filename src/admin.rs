@@ -2,7 +2,7 @@
 
 use crate::api::ClientApi;
 use crate::cache::PageCache;
-use crate::config::Config;
+use crate::config::Settings;
 use crate::credentials::TokenManager;
 use crate::error::GatewayError;
 use crate::observe::Metrics;
@@ -24,7 +24,7 @@ pub struct AdminApi(Arc<View>);
 
 /// What the admin routes read and act on; nothing of the request path beyond its in-flight count.
 pub struct View {
-    pub cfg: Arc<Config>,
+    pub settings: Arc<Settings>,
     pub metrics: Metrics,
     pub upstream: Arc<Upstream>,
     pub tokens: Arc<TokenManager>,
@@ -70,7 +70,8 @@ impl AdminApi {
     /// only a loopback `admin_listen` serves them (behind a sidecar or a port-forward every peer
     /// looks like loopback, so the peer address proves nothing). Read-only routes never call it.
     pub fn authorize_change<B>(&self, req: &Request<B>) -> Result<(), GatewayError> {
-        let server = &self.0.cfg.server;
+        let cfg = self.0.settings.load();
+        let server = &cfg.server;
         if server.admin_token.is_empty() {
             return if server.admin_listen.ip().is_loopback() {
                 Ok(())

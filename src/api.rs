@@ -8,7 +8,7 @@ use crate::api::route::{route, Route, RouteError};
 use crate::cache::{Key, Kind};
 use crate::clients::Clients;
 use crate::clients::Principal;
-use crate::config::Config;
+use crate::config::Settings;
 use crate::error::GatewayError;
 use crate::observe::{Metrics, RouteLabel};
 use crate::read::{CacheResult, Ctx, Reader};
@@ -39,7 +39,7 @@ const MAX_POST_BODY: usize = 16 * 1024;
 pub struct ClientApi(Arc<State>);
 
 struct State {
-    cfg: Arc<Config>,
+    settings: Arc<Settings>,
     clients: Clients,
     reader: Arc<Reader>,
     metrics: Metrics,
@@ -123,7 +123,10 @@ impl State {
         route: Route,
         ctx: &mut Ctx,
     ) -> Result<(Response<Body>, Option<CacheResult>), GatewayError> {
-        check_header_limits(req.headers(), self.cfg.server.max_header_bytes.as_usize())?;
+        check_header_limits(
+            req.headers(),
+            self.settings.load().server.max_header_bytes.as_usize(),
+        )?;
         let authorization = req
             .headers()
             .get(header::AUTHORIZATION)
@@ -208,9 +211,14 @@ impl Handler for ClientApi {
 }
 
 impl ClientApi {
-    pub fn new(cfg: Arc<Config>, clients: Clients, reader: Arc<Reader>, metrics: Metrics) -> Self {
+    pub fn new(
+        settings: Arc<Settings>,
+        clients: Clients,
+        reader: Arc<Reader>,
+        metrics: Metrics,
+    ) -> Self {
         Self(Arc::new(State {
-            cfg,
+            settings,
             clients,
             reader,
             metrics,
@@ -230,7 +238,7 @@ impl ClientApi {
         let mut ctx = Ctx {
             request_id: request_id(req.headers()),
             started,
-            deadline: started + g.cfg.server.request_timeout.0,
+            deadline: started + g.settings.load().server.request_timeout.0,
             head: req.method() == Method::HEAD,
             accept_gzip: accepts_gzip(req.headers()),
             if_none_match: req.headers().get(header::IF_NONE_MATCH).cloned(),
@@ -251,7 +259,9 @@ impl ClientApi {
                 Err(GatewayError::MethodNotAllowed { allow })
             }
             Err(RouteError::InvalidParameter(m)) => Err(GatewayError::InvalidParameter(m)),
-            Ok(_) if in_flight >= g.cfg.server.max_inflight => Err(GatewayError::Overloaded),
+            Ok(_) if in_flight >= g.settings.load().server.max_inflight => {
+                Err(GatewayError::Overloaded)
+            }
             Ok(route) => {
                 match tokio::time::timeout_at(ctx.deadline, g.inner(req, route, &mut ctx)).await {
                     Ok(r) => r,

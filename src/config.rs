@@ -10,6 +10,24 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 mod env;
+mod settings;
+
+/// Optional file paths: `""` (or no key) in the file is `None`; written back as `""`.
+mod opt_path {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::path::PathBuf;
+
+    pub fn serialize<S: Serializer>(p: &Option<PathBuf>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&p.as_ref().map(|p| p.to_string_lossy()).unwrap_or_default())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok((!s.is_empty()).then(|| PathBuf::from(s)))
+    }
+}
+
+pub use settings::{Settings, RESTART_KEYS};
 
 use env::{apply_env_overrides, resolve_credentials};
 
@@ -49,8 +67,10 @@ pub struct ServerConfig {
     pub max_header_bytes: ByteSize,
     pub shutdown_grace: Dur,
     /// PEM certificate chain and key: both set → the client API listens with TLS.
-    pub tls_cert: String,
-    pub tls_key: String,
+    #[serde(with = "opt_path")]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(with = "opt_path")]
+    pub tls_key: Option<PathBuf>,
     /// A client that reads nothing of its answer for this long is cut off.
     pub write_timeout: Dur,
     /// Bearer token for the admin routes that change state; unset → loopback `admin_listen` only.
@@ -68,8 +88,8 @@ impl Default for ServerConfig {
             max_inflight: 4096,
             max_header_bytes: ByteSize(16 * 1024),
             shutdown_grace: Dur::secs(20),
-            tls_cert: String::new(),
-            tls_key: String::new(),
+            tls_cert: None,
+            tls_key: None,
             write_timeout: Dur::secs(30),
             admin_token: Secret::default(),
         }
@@ -85,7 +105,8 @@ pub struct UpstreamConfig {
     pub timeout: Dur,
     pub retries: u32,
     pub max_response_bytes: ByteSize,
-    pub ca_file: String,
+    #[serde(with = "opt_path")]
+    pub ca_file: Option<PathBuf>,
     pub rate_per_second: f64,
     pub burst: u32,
     pub max_concurrent: usize,
@@ -104,7 +125,7 @@ impl Default for UpstreamConfig {
             timeout: Dur::secs(15),
             retries: 2,
             max_response_bytes: ByteSize(32 * 1024 * 1024),
-            ca_file: String::new(),
+            ca_file: None,
             rate_per_second: 10.0,
             burst: 20,
             max_concurrent: 8,
@@ -121,16 +142,19 @@ impl Default for UpstreamConfig {
 pub struct CredentialsConfig {
     pub client_id: String,
     pub client_secret: Secret,
-    pub client_secret_file: String,
+    #[serde(with = "opt_path")]
+    pub client_secret_file: Option<PathBuf>,
     pub username: String,
     pub password: Secret,
-    pub password_file: String,
+    #[serde(with = "opt_path")]
+    pub password_file: Option<PathBuf>,
     pub session_idle_timeout: Dur,
     /// Rejected logins in a row before logins pause. ThingSpace locks the account at 5.
     pub max_failed_logins: u32,
     pub login_pause: Dur,
     /// Login counts and pause across restarts (SPEC §5); relative to the working directory.
-    pub guard_file: String,
+    #[serde(with = "opt_path")]
+    pub guard_file: Option<PathBuf>,
 }
 
 impl Default for CredentialsConfig {
@@ -138,14 +162,14 @@ impl Default for CredentialsConfig {
         Self {
             client_id: String::new(),
             client_secret: Secret::default(),
-            client_secret_file: String::new(),
+            client_secret_file: None,
             username: String::new(),
             password: Secret::default(),
-            password_file: String::new(),
+            password_file: None,
             session_idle_timeout: Dur::secs(20 * 60),
             max_failed_logins: 2,
             login_pause: Dur::secs(15 * 60),
-            guard_file: "thingspace-gateway.guard".into(),
+            guard_file: Some("thingspace-gateway.guard".into()),
         }
     }
 }
@@ -507,15 +531,15 @@ impl Config {
         positive("server.header_read_timeout", s.header_read_timeout)?;
         positive("server.request_timeout", s.request_timeout)?;
         positive("server.write_timeout", s.write_timeout)?;
-        if s.tls_cert.is_empty() != s.tls_key.is_empty() {
+        if s.tls_cert.is_none() != s.tls_key.is_none() {
             return Err(err("server.tls_cert/tls_key: set both or neither"));
         }
         for (key, path) in [
             ("server.tls_cert", &s.tls_cert),
             ("server.tls_key", &s.tls_key),
         ] {
-            if !path.is_empty() && !Path::new(path).is_file() {
-                return Err(err(format!("{key}: {path} does not exist")));
+            if let Some(path) = path.as_ref().filter(|p| !p.is_file()) {
+                return Err(err(format!("{key}: {} does not exist", path.display())));
             }
         }
         let u = &self.upstream;
@@ -550,10 +574,10 @@ impl Config {
         if u.max_response_bytes.0 == 0 {
             return Err(err("upstream.max_response_bytes: must be greater than 0"));
         }
-        if !u.ca_file.is_empty() && !Path::new(&u.ca_file).is_file() {
+        if let Some(ca) = u.ca_file.as_ref().filter(|p| !p.is_file()) {
             return Err(err(format!(
                 "upstream.ca_file: {} does not exist",
-                u.ca_file
+                ca.display()
             )));
         }
         rate("upstream", u.rate_per_second, u.burst)?;
@@ -576,7 +600,7 @@ impl Config {
         }
         // The login counts must outlive the process (SPEC §5); only a loopback upstream (a
         // simulator, which forgets its own lock on restart) may do without.
-        if c.guard_file.is_empty() && !url.host().is_some_and(loopback_host) {
+        if c.guard_file.is_none() && !url.host().is_some_and(loopback_host) {
             return Err(err(
                 "credentials.guard_file: must be set unless upstream.base_url is a loopback \
                  address (the login counts must outlive the process)",

@@ -179,11 +179,13 @@ fn rfc3339(t: SystemTime) -> String {
 
 /// Opens where the login counts live: the guard file, or memory when `guard_file` is empty
 /// (allowed by config validation only for a loopback upstream).
-pub fn open_guard_store(guard_file: &str) -> Result<Arc<dyn GuardStore>, store::OpenError> {
-    if guard_file.is_empty() {
+pub fn open_guard_store(
+    guard_file: Option<&std::path::Path>,
+) -> Result<Arc<dyn GuardStore>, store::OpenError> {
+    let Some(guard_file) = guard_file else {
         return Ok(Arc::new(MemoryStore::default()));
-    }
-    Ok(Arc::new(FileStore::open(std::path::Path::new(guard_file))?))
+    };
+    Ok(Arc::new(FileStore::open(guard_file)?))
 }
 
 impl TokenManager {

@@ -6,7 +6,7 @@ pub mod answer;
 
 use crate::cache::{clock, Entry, Freshness, Join, Key, Kind, PageCache, RefreshClaim, Windows};
 use crate::clients::Principal;
-use crate::config::Config;
+use crate::config::{Config, Settings};
 use crate::credentials::TokenManager;
 use crate::credentials::BEARER_REFUSED;
 use crate::error::GatewayError;
@@ -76,7 +76,7 @@ pub struct Ctx {
 
 /// Everything a read needs: the cache, and the upstream with its tokens behind it.
 pub struct Reader {
-    cfg: Arc<Config>,
+    settings: Arc<Settings>,
     metrics: Metrics,
     upstream: Arc<Upstream>,
     tokens: Arc<TokenManager>,
@@ -85,14 +85,14 @@ pub struct Reader {
 
 impl Reader {
     pub fn new(
-        cfg: Arc<Config>,
+        settings: Arc<Settings>,
         metrics: Metrics,
         upstream: Arc<Upstream>,
         tokens: Arc<TokenManager>,
         cache: Arc<PageCache>,
     ) -> Self {
         Self {
-            cfg,
+            settings,
             metrics,
             upstream,
             tokens,
@@ -104,8 +104,9 @@ impl Reader {
         &self.cache
     }
 
-    pub fn config(&self) -> &Config {
-        &self.cfg
+    /// The config in force now (a lock-free snapshot; see [`Settings`]).
+    pub fn config(&self) -> arc_swap::Guard<Arc<Config>> {
+        self.settings.load()
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -115,7 +116,7 @@ impl Reader {
     /// The freshness windows of the current config: read at every lookup, never stored with an
     /// entry, so a change of `ttl` applies to entries already cached.
     pub fn windows(&self) -> Windows {
-        Windows::from_config(&self.cfg.cache)
+        Windows::from_config(&self.config().cache)
     }
 
     /// The answer for one cached entry, its age measured from when the request arrived.
@@ -242,7 +243,7 @@ impl Reader {
             key.clone(),
             ctx.who.clone(),
             ctx.request_id.clone(),
-            ctx.started + self.cfg.server.request_timeout.0,
+            ctx.started + self.config().server.request_timeout.0,
             attempts.clone(),
         );
         let (result, join) = self.cache.fetch(key, ctx.deadline, fetch).await;
@@ -281,7 +282,7 @@ impl Reader {
     fn spawn_refresh(self: &Arc<Self>, key: Key, claim: RefreshClaim, request_id: HeaderValue) {
         let g = self.clone();
         tokio::spawn(async move {
-            let deadline = Instant::now() + g.cfg.server.request_timeout.0;
+            let deadline = Instant::now() + g.config().server.request_timeout.0;
             // The gateway's own work: no client waits for it.
             let fetch = fetch_entry(
                 g.clone(),

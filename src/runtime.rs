@@ -6,7 +6,7 @@ use crate::admin::{AdminApi, View};
 use crate::api::ClientApi;
 use crate::cache::{MokaStore, PageCache, Windows};
 use crate::clients::Clients;
-use crate::config::Config;
+use crate::config::{Config, Settings};
 use crate::credentials::{TokenManager, TokenSettings, UpstreamCredentials};
 use crate::observe::Metrics;
 use crate::read::Reader;
@@ -64,7 +64,7 @@ pub fn raise_open_files_limit(max_connections: usize) -> Option<u64> {
 /// The gateway built once at start-up: the parts, wired. Interfaces get their own narrow handles
 /// ([`ClientApi`], [`AdminApi`]); the accessors are for start-up, tests and benchmarks.
 pub struct Gateway {
-    cfg: Arc<Config>,
+    settings: Arc<Settings>,
     metrics: Metrics,
     upstream: Arc<Upstream>,
     tokens: Arc<TokenManager>,
@@ -80,7 +80,7 @@ impl Gateway {
     pub fn new(cfg: Config) -> anyhow::Result<Arc<Self>> {
         let transport = HttpTransport::new(
             &cfg.upstream.base_url,
-            &cfg.upstream.ca_file,
+            cfg.upstream.ca_file.as_deref(),
             cfg.upstream.connect_timeout.0,
             cfg.upstream.max_response_bytes.as_usize(),
         )?;
@@ -112,7 +112,7 @@ impl Gateway {
             },
         ));
         let c = &cfg.credentials;
-        let guard_store = crate::credentials::open_guard_store(&c.guard_file)?;
+        let guard_store = crate::credentials::open_guard_store(c.guard_file.as_deref())?;
         let tokens = Arc::new(TokenManager::new(
             upstream.clone(),
             UpstreamCredentials {
@@ -137,18 +137,18 @@ impl Gateway {
             windows,
         ));
         let clients = Clients::new(&cfg.clients)?;
-        let cfg = Arc::new(cfg);
+        let settings = Settings::new(cfg);
         let reader = Arc::new(Reader::new(
-            cfg.clone(),
+            settings.clone(),
             metrics.clone(),
             upstream.clone(),
             tokens.clone(),
             cache.clone(),
         ));
-        let api = ClientApi::new(cfg.clone(), clients, reader, metrics.clone());
+        let api = ClientApi::new(settings.clone(), clients, reader, metrics.clone());
         let shutdown = Shutdown::new();
         let admin = AdminApi::new(View {
-            cfg: cfg.clone(),
+            settings: settings.clone(),
             metrics: metrics.clone(),
             upstream: upstream.clone(),
             tokens: tokens.clone(),
@@ -158,7 +158,7 @@ impl Gateway {
             started: std::time::Instant::now(),
         });
         Ok(Arc::new(Gateway {
-            cfg,
+            settings,
             metrics,
             upstream,
             tokens,
@@ -169,8 +169,9 @@ impl Gateway {
         }))
     }
 
-    pub fn config(&self) -> &Config {
-        &self.cfg
+    /// The checked config: the live part a reload swaps, and the start-up values.
+    pub fn settings(&self) -> &Arc<Settings> {
+        &self.settings
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -225,7 +226,8 @@ impl Running {
     }
 
     pub async fn start_with(gateway: Arc<Gateway>) -> anyhow::Result<Running> {
-        let s = &gateway.cfg.server;
+        let fixed = gateway.settings.fixed();
+        let s = &fixed.server;
         let listener = TcpListener::bind(s.listen)
             .await
             .map_err(|e| anyhow::anyhow!("server.listen {}: {e}", s.listen))?;
@@ -234,13 +236,9 @@ impl Running {
             .map_err(|e| anyhow::anyhow!("server.admin_listen {}: {e}", s.admin_listen))?;
         let addr = listener.local_addr()?;
         let admin_addr = admin.local_addr()?;
-        let tls = if s.tls_cert.is_empty() {
-            None
-        } else {
-            Some(crate::upstream::tls::server_acceptor(
-                &s.tls_cert,
-                &s.tls_key,
-            )?)
+        let tls = match (&s.tls_cert, &s.tls_key) {
+            (Some(cert), Some(key)) => Some(crate::upstream::tls::server_acceptor(cert, key)?),
+            _ => None,
         };
         let opts = ServeOptions {
             max_connections: s.max_connections,
@@ -276,7 +274,7 @@ impl Running {
             )),
         ];
         Ok(Running {
-            tls: !s.tls_cert.is_empty(),
+            tls: s.tls_cert.is_some(),
             addr,
             admin_addr,
             gateway,

@@ -58,8 +58,9 @@ fn env_get<'a>(env: &'a [(String, String)], name: &str) -> Option<&'a str> {
 
 /// The file's whole text with one trailing line ending removed (SPEC §3): a password that ends in
 /// a space keeps its space, or the gateway would send a wrong password (a rejected login).
-fn read_secret_file(key: &str, path: &str) -> Result<Secret, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| err(format!("{key}: {path}: {e}")))?;
+fn read_secret_file(key: &str, path: &std::path::Path) -> Result<Secret, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| err(format!("{key}: {}: {e}", path.display())))?;
     Ok(Secret::new(strip_line_ending(&text)))
 }
 
@@ -82,14 +83,13 @@ pub(super) fn resolve_credentials(
     }
     if let Some(v) = env_get(env, "THINGSPACE_CLIENT_SECRET") {
         c.client_secret = Secret::new(v);
-    } else if !c.client_secret_file.is_empty() {
-        c.client_secret =
-            read_secret_file("credentials.client_secret_file", &c.client_secret_file)?;
+    } else if let Some(path) = &c.client_secret_file {
+        c.client_secret = read_secret_file("credentials.client_secret_file", path)?;
     }
     if let Some(v) = env_get(env, "THINGSPACE_PASSWORD") {
         c.password = Secret::new(v);
-    } else if !c.password_file.is_empty() {
-        c.password = read_secret_file("credentials.password_file", &c.password_file)?;
+    } else if let Some(path) = &c.password_file {
+        c.password = read_secret_file("credentials.password_file", path)?;
     }
     if let Some(v) = env_get(env, "THINGSPACE_GATEWAY_TOKEN_KEY") {
         clients.token_signing_key = Secret::new(v);
@@ -119,8 +119,7 @@ mod tests {
         {
             let path = dir.join(format!("s{i}"));
             std::fs::write(&path, text).unwrap();
-            let got =
-                read_secret_file("credentials.password_file", path.to_str().unwrap()).unwrap();
+            let got = read_secret_file("credentials.password_file", &path).unwrap();
             assert_eq!(got.expose(), secret, "{text:?}");
         }
         std::fs::remove_dir_all(&dir).unwrap();

@@ -2,6 +2,7 @@
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use std::path::Path;
 use std::sync::Arc;
 
 /// Installs ring as the process-wide rustls provider. Idempotent; an already installed provider
@@ -12,12 +13,13 @@ pub fn install_crypto_provider() {
 
 /// Client config with webpki roots, plus the PEM certificates in `ca_file` when set.
 /// Certificate verification is always on.
-pub fn client_config(ca_file: &str) -> anyhow::Result<rustls::ClientConfig> {
+pub fn client_config(ca_file: Option<&Path>) -> anyhow::Result<rustls::ClientConfig> {
     install_crypto_provider();
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if !ca_file.is_empty() {
-        let pem = std::fs::read(ca_file)
+    if let Some(ca_path) = ca_file {
+        let ca_file = ca_path.display();
+        let pem = std::fs::read(ca_path)
             .map_err(|e| anyhow::anyhow!("upstream.ca_file: {ca_file}: {e}"))?;
         let mut added = 0;
         for cert in CertificateDer::pem_slice_iter(&pem) {
@@ -38,11 +40,12 @@ pub fn client_config(ca_file: &str) -> anyhow::Result<rustls::ClientConfig> {
 
 /// A TLS acceptor for the client listener from PEM files.
 pub fn server_acceptor(
-    cert_file: &str,
-    key_file: &str,
+    cert_path: &Path,
+    key_path: &Path,
 ) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    let (cert_file, key_file) = (cert_path.display(), key_path.display());
     install_crypto_provider();
-    let pem = std::fs::read(cert_file)
+    let pem = std::fs::read(cert_path)
         .map_err(|e| anyhow::anyhow!("server.tls_cert: {cert_file}: {e}"))?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
@@ -51,7 +54,7 @@ pub fn server_acceptor(
         anyhow::bail!("server.tls_cert: {cert_file}: no PEM certificate found");
     }
     let pem =
-        std::fs::read(key_file).map_err(|e| anyhow::anyhow!("server.tls_key: {key_file}: {e}"))?;
+        std::fs::read(key_path).map_err(|e| anyhow::anyhow!("server.tls_key: {key_file}: {e}"))?;
     let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| match e {
         rustls::pki_types::pem::Error::NoItemsFound => {
             anyhow::anyhow!("server.tls_key: {key_file}: no PEM private key found")

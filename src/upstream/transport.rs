@@ -62,7 +62,7 @@ pub struct HttpTransport {
 impl HttpTransport {
     pub fn new(
         base_url: &str,
-        ca_file: &str,
+        ca_file: Option<&std::path::Path>,
         connect_timeout: Duration,
         max_body: usize,
     ) -> anyhow::Result<Self> {

@@ -294,3 +294,29 @@ async fn a_page_refreshed_in_the_background_is_served_stale_from_its_latest_fetc
         "one accepted login, none rejected"
     );
 }
+
+/// The live config is the seam a reload swaps (SPEC §11): a new `ttl` applies to entries already
+/// stored, counted from their own fetch times, and the cache is not emptied.
+#[tokio::test(start_paused = true)]
+async fn a_swapped_ttl_applies_to_stored_entries() {
+    let gw = InProc::new(sim_opts(), "[cache]\nttl = \"1h\"\n").await;
+    let account = gw.sim.account_names()[0].clone();
+    let imeis = gw.sim.imeis(&account);
+    let (old, young) = (license_path(&account, 0), license_path(&account, imeis[5]));
+    assert_eq!(gw.get(&old).await.header("x-cache"), "MISS");
+    tokio::time::advance(std::time::Duration::from_secs(5)).await;
+    assert_eq!(gw.get(&young).await.header("x-cache"), "MISS");
+    let mut next = (*gw.gw.settings().current()).clone();
+    next.cache.ttl = thingspace_gateway::config::Dur::secs(3);
+    next.cache.stale_while_revalidate = thingspace_gateway::config::Dur::secs(0);
+    assert_eq!(gw.gw.settings().swap(next).unwrap(), Vec::<&str>::new());
+    // 5 s old: past the new 3 s ttl, fetched again. 0 s old: still fresh, a hit.
+    let r = gw.get(&old).await;
+    assert_eq!((r.status, r.header("x-cache")), (StatusCode::OK, "MISS"));
+    let r = gw.get(&young).await;
+    assert_eq!(
+        (r.header("x-cache"), r.header("cache-control")),
+        ("HIT", "private, max-age=3")
+    );
+    assert_eq!(gw.sim.count_status("licenses", 200), 3);
+}

@@ -703,8 +703,7 @@ async fn tls_listener() {
     ))
     .await;
     assert!(gw.base_url().starts_with("https://"));
-    let tls =
-        thingspace_gateway::upstream::tls::client_config(&cert_path.display().to_string()).unwrap();
+    let tls = thingspace_gateway::upstream::tls::client_config(Some(cert_path.as_path())).unwrap();
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_only()

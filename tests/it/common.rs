@@ -275,3 +275,12 @@ impl InProc {
         }
     }
 }
+
+/// An `Authorization: Basic` value for a client id and secret.
+pub fn basic(id: &str, secret: &str) -> String {
+    use base64::Engine;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"))
+    )
+}

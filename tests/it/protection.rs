@@ -160,14 +160,6 @@ async fn slow_and_idle_clients_are_cut_off() {
     assert!(read.is_ok(), "idle keep-alive connection closed");
 }
 
-fn basic(id: &str, secret: &str) -> String {
-    use base64::Engine;
-    format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"))
-    )
-}
-
 /// Two clients of the gateway, both free to read any account fast.
 fn two_clients() -> String {
     format!(

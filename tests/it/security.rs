@@ -56,13 +56,6 @@ fn assert_no_rejected_login(sim: &Simulator) {
     );
 }
 
-fn basic(id: &str, secret: &str) -> String {
-    format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"))
-    )
-}
-
 async fn gateway_token(base: &str, id: &str, secret: &str) -> String {
     let r = request(
         Method::POST,

@@ -1,20 +1,12 @@
 //! The simulator over real sockets: every endpoint, every fault, the lock, and the control API.
 
 use crate::common::*;
-use base64::Engine;
 use http::{Method, StatusCode};
 use serde_json::json;
 use std::time::Duration;
 use thingspace_gateway::sim_transport::sim_transport;
 use thingspace_gateway::upstream::transport::OutRequest;
 use thingspace_sim::{SimOptions, Simulator};
-
-fn basic(id: &str, secret: &str) -> String {
-    format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"))
-    )
-}
 
 async fn token(sim: &Simulator) -> String {
     let r = request(

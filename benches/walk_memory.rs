@@ -61,7 +61,7 @@ fn main() {
             .expect("body")
             .to_bytes()
             .len();
-        let (_, cached) = gw.cache().store.size().await;
+        let (_, cached) = gw.cache().size().await;
         let mut per_walk = Vec::new();
         for _ in 0..5 {
             let before = ALLOCATED.load(Ordering::Relaxed);

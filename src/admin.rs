@@ -118,7 +118,7 @@ impl AdminApi {
 
     async fn refresh_gauges(&self) -> (u64, u64) {
         let g = &self.0;
-        let (entries, bytes) = g.cache.store.size().await;
+        let (entries, bytes) = g.cache.size().await;
         g.metrics
             .cache_entries
             .set(i64::try_from(entries).unwrap_or(i64::MAX));
@@ -189,7 +189,7 @@ impl Handler for AdminApi {
                 if let Err(e) = self.authorize_change(&req) {
                     return e.to_response();
                 }
-                let n = g.cache.store.purge_all().await;
+                let n = g.cache.purge_all().await;
                 tracing::info!(purged = n, "cache purged");
                 json_value(StatusCode::OK, &json!({"purged": n}))
             }
@@ -204,7 +204,7 @@ impl Handler for AdminApi {
                     if let Err(e) = self.authorize_change(&req) {
                         return e.to_response();
                     }
-                    let n = g.cache.store.purge_account(account).await;
+                    let n = g.cache.purge_account(account).await;
                     tracing::info!(purged = n, "account purged from cache");
                     let mut r = json_value(StatusCode::OK, &json!({"purged": n}));
                     r.headers_mut()

@@ -48,7 +48,7 @@ type Fetched = Result<Arc<Entry>, GatewayError>;
 
 /// The cache as the request path sees it: a store plus coalescing of concurrent fetches.
 pub struct PageCache {
-    pub store: Arc<dyn CacheStore>,
+    store: Arc<dyn CacheStore>,
     flight: SingleFlight<Key, Fetched>,
     /// Gzip forms of documents assembled from cached pages (whole-account walks), by ETag:
     /// compressed once per version, bounded to an eighth of `cache.max_bytes`.
@@ -56,6 +56,26 @@ pub struct PageCache {
 }
 
 impl PageCache {
+    /// The stored entry for `key`, if any (fresh or not: the caller judges).
+    pub async fn get(&self, key: &Key) -> Option<Arc<Entry>> {
+        self.store.get(key).await
+    }
+
+    /// Drops every entry of `account`; returns how many.
+    pub async fn purge_account(&self, account: &str) -> u64 {
+        self.store.purge_account(account).await
+    }
+
+    /// Drops everything; returns how many entries there were.
+    pub async fn purge_all(&self) -> u64 {
+        self.store.purge_all().await
+    }
+
+    /// `(entries, bytes)` after pending maintenance.
+    pub async fn size(&self) -> (u64, u64) {
+        self.store.size().await
+    }
+
     /// `windows` bound how long derived document forms are kept.
     pub fn new(store: Arc<dyn CacheStore>, max_bytes: u64, windows: Windows) -> Self {
         let derived_gzip = moka::future::Cache::builder()

@@ -10,9 +10,9 @@ use crate::config::{Config, Settings};
 use crate::credentials::TokenManager;
 use crate::credentials::BEARER_REFUSED;
 use crate::error::GatewayError;
-use crate::observe::Endpoint;
 use crate::observe::Metrics;
 use crate::respond::Body;
+use crate::upstream::routes::Resource;
 use crate::upstream::transport::OutRequest;
 use crate::upstream::Upstream;
 pub use answer::{entry_response, CacheResult};
@@ -40,22 +40,16 @@ fn is_session_error(status: StatusCode, body: &[u8]) -> bool {
         .unwrap_or(false)
 }
 
-impl Key {
-    fn upstream_path(&self) -> String {
-        match self.kind {
-            Kind::Page => format!(
-                "/api/fota/v1/licenses/{}/index/{}",
-                self.account, self.index
-            ),
-            Kind::Subscription => format!("/api/fota/v1/subscriptions/{}", self.account),
-        }
-    }
-
-    fn endpoint(&self) -> Endpoint {
-        match self.kind {
-            Kind::Page => Endpoint::Licenses,
-            Kind::Subscription => Endpoint::Subscriptions,
-        }
+/// The ThingSpace resource a cache key stands for.
+fn resource(key: &Key) -> Resource<'_> {
+    match key.kind {
+        Kind::Page => Resource::LicensePage {
+            account: &key.account,
+            index: key.index,
+        },
+        Kind::Subscription => Resource::Subscription {
+            account: &key.account,
+        },
     }
 }
 
@@ -150,7 +144,7 @@ pub async fn fetch_entry(
         headers.insert(crate::respond::X_REQUEST_ID, request_id.clone());
         let req = OutRequest {
             method: Method::GET,
-            path: key.upstream_path(),
+            path: resource(&key).path(),
             headers,
             body: Bytes::new(),
         };
@@ -159,7 +153,7 @@ pub async fn fetch_entry(
             .upstream
             .call_for(
                 budget_client(&who),
-                key.endpoint(),
+                resource(&key).endpoint(),
                 req,
                 deadline,
                 &attempts,
@@ -220,7 +214,7 @@ impl Reader {
         // The request's start stands for "now": freshness measured from when the client asked.
         let now = clock::at(ctx.started);
         let windows = self.windows();
-        let existing = self.cache.store.get(&key).await;
+        let existing = self.cache.get(&key).await;
         if let Some(e) = &existing {
             match e.freshness(now, &windows) {
                 Freshness::Fresh => {

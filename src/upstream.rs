@@ -7,6 +7,7 @@
 pub mod budget;
 pub mod circuit;
 pub mod protection;
+pub mod routes;
 pub mod tls;
 pub mod transport;
 

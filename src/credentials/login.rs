@@ -153,7 +153,7 @@ impl TokenManager {
         });
         OutRequest {
             method: Method::POST,
-            path: "/api/m2m/v1/session/login".into(),
+            path: crate::upstream::routes::SESSION_LOGIN.into(),
             headers,
             body: Bytes::from(body.to_string()),
         }

@@ -140,7 +140,7 @@ impl TokenManager {
         headers.insert(header::ACCEPT, crate::respond::JSON);
         OutRequest {
             method: Method::POST,
-            path: "/api/ts/v1/oauth2/token".into(),
+            path: crate::upstream::routes::OAUTH_TOKEN.into(),
             headers,
             body: Bytes::from_static(b"grant_type=client_credentials"),
         }

@@ -6,14 +6,15 @@
 
 use crate::api::route::{route, Route, RouteError};
 use crate::cache::{Key, Kind};
-use crate::clients::Clients;
 use crate::clients::Principal;
-use crate::config::Settings;
+use crate::clients::{Clients, ClientsError};
+use crate::config::{ClientsConfig, Settings};
 use crate::error::GatewayError;
 use crate::observe::{Metrics, RouteLabel};
 use crate::read::{CacheResult, Ctx, Reader};
 use crate::respond::Handler;
 use crate::respond::{json_value, Body};
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
@@ -40,7 +41,9 @@ pub struct ClientApi(Arc<State>);
 
 struct State {
     settings: Arc<Settings>,
-    clients: Clients,
+    /// The client registry in force, read once per request; a reload installs a new one whole
+    /// ([`ClientApi::install_clients`]), so a removed client's tokens are refused at once.
+    clients: ArcSwap<Clients>,
     reader: Arc<Reader>,
     metrics: Metrics,
     /// Client API requests in flight (load shedding above `server.max_inflight`).
@@ -63,8 +66,10 @@ impl State {
         body: B,
     ) -> Result<Response<Body>, GatewayError> {
         // Basic only (a token is never traded for a fresh one), and rated like any request.
-        let who = self.clients.authenticate_for_token(authorization)?;
-        self.clients.authorize(&who, None)?;
+        // One registry for the whole exchange: the token is issued by the one that checked.
+        let clients = self.clients.load_full();
+        let who = clients.authenticate_for_token(authorization)?;
+        clients.authorize(&who, None)?;
         let form = self.read_post_body(body).await?;
         let grant_ok = std::str::from_utf8(&form)
             .map(|s| {
@@ -77,7 +82,7 @@ impl State {
                 "grant_type must be client_credentials",
             ));
         }
-        let (token, expires_in) = self.clients.issue_token(&who);
+        let (token, expires_in) = clients.issue_token(&who);
         let mut r = json_value(
             StatusCode::OK,
             &serde_json::json!({
@@ -139,8 +144,12 @@ impl State {
                 None,
             ));
         }
-        let who: Principal = self.clients.authenticate(authorization.as_deref())?;
-        self.clients.authorize(&who, route.account())?;
+        let who: Principal = {
+            let clients = self.clients.load();
+            let who = clients.authenticate(authorization.as_deref())?;
+            clients.authorize(&who, route.account())?;
+            who
+        };
         ctx.who = who;
         let ctx = &*ctx;
         if req.method() != Method::POST {
@@ -219,11 +228,30 @@ impl ClientApi {
     ) -> Self {
         Self(Arc::new(State {
             settings,
-            clients,
+            clients: ArcSwap::from_pointee(clients),
             reader,
             metrics,
             inflight: AtomicUsize::new(0),
         }))
+    }
+
+    /// Builds the registry `cfg` describes from the one in force (unchanged clients keep their
+    /// rate buckets); nothing changes until [`install_clients`](Self::install_clients).
+    pub fn rebuild_clients(&self, cfg: &ClientsConfig) -> Result<Clients, ClientsError> {
+        self.0.clients.load().rebuild(cfg)
+    }
+
+    /// Puts `clients` in force at once: the next request authenticates against it (requests
+    /// already past authentication finish as they started).
+    pub fn install_clients(&self, clients: Clients) {
+        self.0.clients.store(Arc::new(clients));
+    }
+
+    /// [`rebuild_clients`](Self::rebuild_clients) then [`install_clients`](Self::install_clients).
+    pub fn apply_clients(&self, cfg: &ClientsConfig) -> Result<(), ClientsError> {
+        let next = self.rebuild_clients(cfg)?;
+        self.install_clients(next);
+        Ok(())
     }
 
     /// Client API requests in flight now.

@@ -28,8 +28,13 @@ pub struct Client {
     fingerprint: [u8; FINGERPRINT_BYTES],
     all_accounts: bool,
     accounts: Vec<String>,
-    /// The client's own rate (`rate_per_second`, `burst`).
-    bucket: Mutex<TokenBucket>,
+    /// The rate its bucket was built with: a rebuilt registry keeps the bucket (and its state)
+    /// of a client whose id, rate and burst are unchanged.
+    rate_per_second: f64,
+    burst: u32,
+    /// The client's own rate (`rate_per_second`, `burst`), shared with the same client in the
+    /// registry a reload builds when its rate is unchanged.
+    bucket: Arc<Mutex<TokenBucket>>,
 }
 
 /// Who is calling.
@@ -130,6 +135,19 @@ const UNAUTHORIZED: GatewayError =
 
 impl Clients {
     pub fn new(cfg: &ClientsConfig) -> Result<Self, ClientsError> {
+        Self::build(cfg, None)
+    }
+
+    /// The registry `cfg` describes, for a reload (SPEC §11): clients added, removed, re-keyed,
+    /// accounts, rates, mode, token lifetime and key as `cfg` says. A client whose id, rate and
+    /// burst are unchanged keeps its rate bucket (shared, with its state). Only builds: the
+    /// caller installs it (`ClientApi::install_clients`) once the rest of the reload is known
+    /// to succeed.
+    pub fn rebuild(&self, cfg: &ClientsConfig) -> Result<Clients, ClientsError> {
+        Self::build(cfg, Some(self))
+    }
+
+    fn build(cfg: &ClientsConfig, previous: Option<&Clients>) -> Result<Self, ClientsError> {
         let key = if cfg.token_signing_key.is_empty() {
             // Tokens then only work on this process.
             hmac::Key::new(hmac::HMAC_SHA256, process_key()?)
@@ -141,6 +159,20 @@ impl Clients {
             .iter()
             .filter_map(|c| {
                 let hash = unhex32(&c.secret_sha256.to_ascii_lowercase())?;
+                let kept = previous
+                    .and_then(|p| p.by_id.get(&c.id))
+                    .filter(|old| {
+                        old.rate_per_second.to_bits() == c.rate_per_second.to_bits()
+                            && old.burst == c.burst
+                    })
+                    .map(|old| old.bucket.clone());
+                let bucket = kept.unwrap_or_else(|| {
+                    Arc::new(Mutex::new(TokenBucket::new(
+                        c.rate_per_second,
+                        f64::from(c.burst),
+                        Instant::now(),
+                    )))
+                });
                 Some((
                     c.id.clone(),
                     Arc::new(Client {
@@ -149,11 +181,9 @@ impl Clients {
                         fingerprint: fingerprint(&key, &hash),
                         all_accounts: c.accounts.iter().any(|a| a == "*"),
                         accounts: c.accounts.clone(),
-                        bucket: Mutex::new(TokenBucket::new(
-                            c.rate_per_second,
-                            f64::from(c.burst),
-                            Instant::now(),
-                        )),
+                        rate_per_second: c.rate_per_second,
+                        burst: c.burst,
+                        bucket,
                     }),
                 ))
             })
@@ -476,6 +506,56 @@ mod tests {
         ));
         tokio::time::advance(Duration::from_secs(1)).await;
         assert!(c.authorize(&who, Some("A-1")).is_ok());
+    }
+
+    /// A rebuilt registry (a reload): an unchanged client keeps its bucket's state, a changed
+    /// rate starts a fresh bucket, removed clients and the old key's tokens are refused.
+    #[tokio::test(start_paused = true)]
+    async fn rebuild_keeps_unchanged_buckets_only() {
+        let c = Clients::new(&cfg(K1)).unwrap();
+        let token = token_for(&c);
+        let who = Principal::Client(c.by_id["billing"].clone());
+        assert!(c.authorize(&who, Some("A-1")).is_ok());
+        assert!(c.authorize(&who, Some("A-1")).is_ok());
+        let same = c.rebuild(&cfg(K1)).unwrap();
+        assert!(Arc::ptr_eq(
+            &same.by_id["billing"].bucket,
+            &c.by_id["billing"].bucket
+        ));
+        let who = Principal::Client(same.by_id["billing"].clone());
+        assert!(matches!(
+            same.authorize(&who, Some("A-1")),
+            Err(GatewayError::RateLimited { .. })
+        ));
+        assert!(same.bearer(&token).is_ok());
+        // Rate changed and accounts changed: a fresh full bucket, the new accounts.
+        let mut changed = cfg(K1);
+        changed.client[0].burst = 3;
+        changed.client[0].accounts = vec!["B-2".into()];
+        let changed = same.rebuild(&changed).unwrap();
+        let who = Principal::Client(changed.bearer(&token).unwrap());
+        assert_eq!(
+            changed.authorize(&who, Some("A-1")),
+            Err(GatewayError::Forbidden)
+        );
+        for _ in 0..3 {
+            assert!(changed.authorize(&who, Some("B-2")).is_ok());
+        }
+        // Another signing key: the old tokens are refused; removed: refused too.
+        assert_eq!(
+            c.rebuild(&cfg(K2)).unwrap().bearer(&token).err(),
+            Some(UNAUTHORIZED)
+        );
+        let removed = c
+            .rebuild(&ClientsConfig {
+                client: Vec::new(),
+                ..cfg(K1)
+            })
+            .unwrap();
+        assert_eq!(removed.bearer(&token).err(), Some(UNAUTHORIZED));
+        assert!(removed
+            .authenticate(Some(&basic("billing:s3cret")))
+            .is_err());
     }
 
     /// Any rate the registry is given answers 429 with a bounded `Retry-After` (config

@@ -37,6 +37,9 @@ pub trait Budget: Send + Sync + 'static {
     fn acquire<'a>(&'a self, client: &'a str, deadline: Instant) -> BudgetFuture<'a>;
     /// Tokens left in the bucket now.
     fn available(&self) -> f64;
+    /// New `rate_per_second`, `burst` and `max_concurrent` (a reload, SPEC §11): permits held
+    /// stay valid; waiters are served under the new numbers.
+    fn reconfigure(&self, rate_per_second: f64, burst: u32, max_concurrent: usize);
 }
 
 /// One waiter. Granting happens under the state lock: the slot and the token are taken for the
@@ -49,7 +52,10 @@ struct Ticket {
 
 struct State {
     bucket: TokenBucket,
-    free_slots: usize,
+    /// `max_concurrent`; may drop below `in_use` after a reload, then no slot is granted until
+    /// enough are released.
+    max_slots: usize,
+    in_use: usize,
     /// Waiters per client, oldest first. Only clients with waiters have an entry.
     queues: HashMap<Box<str>, VecDeque<Arc<Ticket>>>,
     /// The clients of `queues`, the next one to serve first.
@@ -90,9 +96,9 @@ impl State {
     /// Grants what the bucket and the slots allow, in turn order, then makes sure the waiter
     /// next in line knows it keeps the clock.
     fn dispatch(&mut self) {
-        while self.free_slots > 0 && self.bucket.tokens() >= 1.0 {
+        while self.in_use < self.max_slots && self.bucket.tokens() >= 1.0 {
             let Some(ticket) = self.pop_next() else { break };
-            self.free_slots -= 1;
+            self.in_use += 1;
             self.bucket.take();
             ticket.granted.store(true, Ordering::Relaxed);
             ticket.wake.notify_one();
@@ -169,7 +175,7 @@ impl Shared {
 
     fn release_slot(&self) {
         let mut s = self.lock();
-        s.free_slots += 1;
+        s.in_use = s.in_use.saturating_sub(1);
         s.bucket.refill(Instant::now());
         s.dispatch();
     }
@@ -228,7 +234,7 @@ impl Drop for Waiting<'_> {
         }
         let mut s = self.shared.lock();
         if self.ticket.granted.load(Ordering::Relaxed) {
-            s.free_slots += 1;
+            s.in_use = s.in_use.saturating_sub(1);
             s.bucket.give_back();
         } else {
             s.remove(self.client, self.ticket.id);
@@ -246,7 +252,8 @@ impl LocalBudget {
             shared: Arc::new(Shared {
                 state: Mutex::new(State {
                     bucket: TokenBucket::new(rate_per_second, f64::from(burst), Instant::now()),
-                    free_slots: max_concurrent,
+                    max_slots: max_concurrent,
+                    in_use: 0,
                     queues: HashMap::new(),
                     turns: VecDeque::new(),
                     timekeeper: None,
@@ -263,8 +270,8 @@ impl Budget for LocalBudget {
             let now = Instant::now();
             let ticket = {
                 let mut s = self.shared.lock_dispatched(now);
-                if s.turns.is_empty() && s.free_slots > 0 && s.bucket.take() {
-                    s.free_slots -= 1;
+                if s.turns.is_empty() && s.in_use < s.max_slots && s.bucket.take() {
+                    s.in_use += 1;
                     return Some(BudgetPermit::new(Slot(self.shared.clone())));
                 }
                 // Refuse at once what cannot be had in time even if nobody else arrives.
@@ -292,6 +299,18 @@ impl Budget for LocalBudget {
         let mut s = self.shared.lock();
         s.bucket.refill(Instant::now());
         s.bucket.tokens()
+    }
+
+    fn reconfigure(&self, rate_per_second: f64, burst: u32, max_concurrent: usize) {
+        let mut s = self.shared.lock();
+        s.bucket
+            .reconfigure(rate_per_second, f64::from(burst), Instant::now());
+        s.max_slots = max_concurrent;
+        // More slots or tokens may serve waiters now; the timekeeper re-reads the rate.
+        s.dispatch();
+        if let Some(t) = s.head() {
+            t.wake.notify_one();
+        }
     }
 }
 
@@ -379,6 +398,47 @@ mod tests {
             held.lock().push(p);
             Some(Instant::now())
         })
+    }
+
+    /// A reload's new numbers: fewer slots than are held grant nothing until enough are back;
+    /// more slots serve a waiter at once; a raised rate serves the waiter next in line at the
+    /// new rate (not when the old rate's token was due); tokens are clamped to a lower burst.
+    #[tokio::test(start_paused = true)]
+    async fn reconfigure_with_permits_held_and_waiters() {
+        let b = Arc::new(LocalBudget::new(1000.0, 1000, 2));
+        let held = Arc::new(Mutex::new(Vec::new()));
+        let far = Instant::now() + Duration::from_secs(4 * 3600);
+        let soon = || Instant::now() + Duration::from_millis(100);
+        let p1 = b.acquire("", far).await.unwrap();
+        let p2 = b.acquire("", far).await.unwrap();
+        b.reconfigure(1000.0, 1000, 1);
+        drop(p1);
+        assert!(b.acquire("", soon()).await.is_none(), "2 held, 1 slot");
+        drop(p2);
+        let p3 = b.acquire("", soon()).await.unwrap();
+        let w = waiter(&b, "x", far, &held);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(!w.is_finished());
+        let raised = Instant::now();
+        b.reconfigure(1000.0, 1000, 2);
+        assert_eq!(w.await.unwrap(), Some(raised));
+        drop(p3);
+        held.lock().clear();
+        // Burst 1000 down to 1: one token left; a rate of one per hour, then raised.
+        b.reconfigure(1.0 / 3600.0, 1, 10);
+        assert_eq!(b.available(), 1.0);
+        assert!(b.acquire("", soon()).await.is_some());
+        let w = waiter(&b, "x", far, &held);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(!w.is_finished());
+        let raised = Instant::now();
+        b.reconfigure(10.0, 1, 10);
+        let granted = w.await.unwrap().unwrap();
+        assert!(
+            granted - raised <= Duration::from_millis(100),
+            "{:?}",
+            granted - raised
+        );
     }
 
     #[tokio::test(start_paused = true)]

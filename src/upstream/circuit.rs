@@ -53,6 +53,10 @@ impl Admission {
 
 #[derive(Default)]
 struct State {
+    /// `circuit_failures` and `circuit_open_for`, under the lock so a reload changes them
+    /// together ([`Circuit::reconfigure`]).
+    threshold: u32,
+    open_for: Duration,
     failures: u32,
     open_until: Option<Instant>,
     /// The ticket of the probe in flight, if one is.
@@ -61,8 +65,6 @@ struct State {
 }
 
 pub struct Circuit {
-    threshold: u32,
-    open_for: Duration,
     state: Mutex<State>,
 }
 
@@ -78,10 +80,20 @@ pub enum Outcome {
 impl Circuit {
     pub fn new(threshold: u32, open_for: Duration) -> Self {
         Self {
-            threshold,
-            open_for,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                threshold,
+                open_for,
+                ..State::default()
+            }),
         }
+    }
+
+    /// New `circuit_failures` and `circuit_open_for` (a reload): the failures counted so far
+    /// count toward the new threshold; an open circuit keeps the end it was given.
+    pub fn reconfigure(&self, threshold: u32, open_for: Duration) {
+        let mut s = self.state.lock();
+        s.threshold = threshold;
+        s.open_for = open_for;
     }
 
     /// `Err(retry_after)` while open or while the probe is in flight.
@@ -127,8 +139,8 @@ impl Circuit {
             }
             Outcome::Failure => {
                 s.failures = s.failures.saturating_add(1);
-                if admission.probe || s.failures >= self.threshold {
-                    s.open_until = Some(Instant::now() + self.open_for);
+                if admission.probe || s.failures >= s.threshold {
+                    s.open_until = Some(Instant::now() + s.open_for);
                 }
             }
             Outcome::Neutral => {}

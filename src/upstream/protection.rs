@@ -35,6 +35,9 @@ pub trait Protection: Send + Sync + 'static {
     /// Starts a cooldown of `d`, or keeps the running one if it ends later.
     fn start_cooldown(&self, d: Duration);
     fn state(&self) -> CircuitState;
+    /// New `circuit_failures` and `circuit_open_for` (a reload, SPEC §11); the running cooldown
+    /// and the circuit's state are kept.
+    fn reconfigure(&self, circuit_failures: u32, circuit_open_for: Duration);
 }
 
 /// Today's in-process state: a [`Circuit`] and the end of the cooldown.
@@ -89,6 +92,10 @@ impl Protection for LocalProtection {
 
     fn state(&self) -> CircuitState {
         self.circuit.state()
+    }
+
+    fn reconfigure(&self, circuit_failures: u32, circuit_open_for: Duration) {
+        self.circuit.reconfigure(circuit_failures, circuit_open_for);
     }
 }
 

@@ -40,6 +40,16 @@ impl TokenBucket {
         }
     }
 
+    /// A new rate and burst as of `now` (a reload): what accrued at the old rate is kept,
+    /// clamped to the new burst; a raised burst is not filled at once, the rate fills it.
+    pub fn reconfigure(&mut self, rate_per_second: f64, burst: f64, now: Instant) {
+        self.refill(now);
+        let fresh = Self::new(rate_per_second, burst, now);
+        self.rate = fresh.rate;
+        self.burst = fresh.burst;
+        self.tokens = self.tokens.min(self.burst);
+    }
+
     pub fn rate(&self) -> f64 {
         self.rate
     }

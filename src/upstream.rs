@@ -11,6 +11,7 @@ pub mod routes;
 pub mod tls;
 pub mod transport;
 
+use crate::config::UpstreamConfig;
 use crate::error::{GatewayError, Throttle};
 use crate::observe::{Endpoint, Metrics};
 use crate::upstream::budget::Budget;
@@ -18,6 +19,7 @@ use crate::upstream::circuit::{Admission, CircuitState, Outcome};
 use crate::upstream::protection::{ProbeGuard, Protection, Refusal};
 use crate::upstream::transport::{OutRequest, RawResponse, Transport, TransportError};
 use crate::util::backoff::{Backoff, Jitter};
+use arc_swap::ArcSwap;
 use http::{HeaderMap, Method, StatusCode};
 use prometheus::IntGauge;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -34,6 +36,8 @@ const BACKOFF_CAP: Duration = Duration::from_secs(2);
 /// Between retries of one call: full jitter in `[0, min(2 s, 50 ms × 2^attempt)]`.
 const RETRY_BACKOFF: Backoff = Backoff::new(BACKOFF_BASE, BACKOFF_CAP, Jitter::Full);
 
+/// The per-call numbers of `[upstream]`, read once at the start of each call.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamSettings {
     pub timeout: Duration,
     pub retries: u32,
@@ -45,7 +49,8 @@ pub struct Upstream {
     budget: Arc<dyn Budget>,
     protection: Arc<dyn Protection>,
     metrics: Metrics,
-    settings: UpstreamSettings,
+    /// Swapped whole by [`Upstream::apply`]; a call keeps the numbers it started with.
+    settings: ArcSwap<UpstreamSettings>,
 }
 
 /// Counts one attempt in the `upstream_inflight` gauge for as long as it lives, so an attempt
@@ -131,8 +136,32 @@ impl Upstream {
             budget,
             protection,
             metrics,
-            settings,
+            settings: ArcSwap::from_pointee(settings),
         }
+    }
+
+    /// The reloadable keys of `[upstream]` (SPEC §11), for the calls that start after it:
+    /// `rate_per_second`, `burst`, `max_concurrent` (the budget), `max_queue_wait`, `retries`,
+    /// `timeout`, `circuit_failures`, `circuit_open_for` (the protection), `connect_timeout`,
+    /// `max_response_bytes` (the transport). `base_url` and `ca_file` need a restart;
+    /// `max_walk_pages` is read per request from the settings.
+    pub fn apply(&self, u: &UpstreamConfig) {
+        self.budget
+            .reconfigure(u.rate_per_second, u.burst, u.max_concurrent);
+        self.protection
+            .reconfigure(u.circuit_failures, u.circuit_open_for.0);
+        self.transport
+            .reconfigure(u.connect_timeout.0, u.max_response_bytes.as_usize());
+        self.settings.store(Arc::new(UpstreamSettings {
+            timeout: u.timeout.0,
+            retries: u.retries,
+            max_queue_wait: u.max_queue_wait.0,
+        }));
+    }
+
+    /// The per-call numbers in force.
+    pub fn settings(&self) -> Arc<UpstreamSettings> {
+        self.settings.load_full()
     }
 
     pub fn circuit_state(&self) -> CircuitState {
@@ -182,6 +211,7 @@ impl Upstream {
         attempts: &AtomicU32,
     ) -> Result<RawResponse, GatewayError> {
         let idempotent = req.method == Method::GET;
+        let settings = self.settings.load_full();
         let mut attempt = 0u32;
         loop {
             let admission = self.protection.admit().map_err(|refusal| match refusal {
@@ -198,7 +228,7 @@ impl Upstream {
             })?;
             // Gives a half-open probe back if this attempt panics or is dropped mid-flight.
             let _probe = ProbeGuard::new(&*self.protection, admission);
-            let budget_deadline = deadline.min(Instant::now() + self.settings.max_queue_wait);
+            let budget_deadline = deadline.min(Instant::now() + settings.max_queue_wait);
             let Some(_permit) = self.budget.acquire(client, budget_deadline).await else {
                 // Not an attempt: give the probe back without an outcome.
                 self.record_circuit(admission, Outcome::Neutral);
@@ -218,7 +248,7 @@ impl Upstream {
             let result = {
                 let _inflight = InFlight::new(&self.metrics.upstream_inflight);
                 self.transport
-                    .send(req.clone(), self.settings.timeout.min(remaining))
+                    .send(req.clone(), settings.timeout.min(remaining))
                     .await
             };
             let status_label = match &result {
@@ -234,7 +264,7 @@ impl Upstream {
                 Verdict::Done(r) => return r,
                 Verdict::Retry(e) => e,
             };
-            if admission.probe || attempt >= self.settings.retries {
+            if admission.probe || attempt >= settings.retries {
                 return Err(err);
             }
             let pause = RETRY_BACKOFF.delay(attempt);
@@ -351,6 +381,88 @@ mod tests {
         );
         h.insert("retry-after", "soon".parse().unwrap());
         assert_eq!(parse_retry_after(&h), DEFAULT_COOLDOWN);
+    }
+
+    /// Always 503; counts sends and keeps what `reconfigure` was given.
+    #[derive(Default)]
+    struct Failing {
+        sends: AtomicU32,
+        reconfigured: parking_lot::Mutex<Option<(Duration, usize)>>,
+    }
+
+    impl Transport for Failing {
+        fn send(&self, _: OutRequest, _: Duration) -> transport::TransportFuture<'_> {
+            self.sends.fetch_add(1, Ordering::Relaxed);
+            Box::pin(async {
+                Ok(RawResponse {
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    headers: HeaderMap::new(),
+                    body: bytes::Bytes::new(),
+                })
+            })
+        }
+
+        fn reconfigure(&self, connect_timeout: Duration, max_response_bytes: usize) {
+            *self.reconfigured.lock() = Some((connect_timeout, max_response_bytes));
+        }
+    }
+
+    /// `apply` reaches every part: retries and timeout per call, the circuit's threshold, the
+    /// budget, the transport's connect timeout and body limit.
+    #[tokio::test(start_paused = true)]
+    async fn apply_reaches_settings_circuit_budget_and_transport() {
+        use crate::config::{ByteSize, Dur};
+        let transport = Arc::new(Failing::default());
+        let up = Upstream::new(
+            transport.clone(),
+            Arc::new(budget::LocalBudget::new(100.0, 100, 10)),
+            Arc::new(protection::LocalProtection::new(
+                100,
+                Duration::from_secs(30),
+            )),
+            Metrics::new(),
+            UpstreamSettings {
+                timeout: Duration::from_secs(5),
+                retries: 0,
+                max_queue_wait: Duration::from_secs(1),
+            },
+        );
+        async fn call(up: &Upstream) -> (Result<RawResponse, GatewayError>, u32) {
+            let req = OutRequest {
+                method: Method::GET,
+                path: "/x".into(),
+                headers: HeaderMap::new(),
+                body: bytes::Bytes::new(),
+            };
+            let attempts = AtomicU32::new(0);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let r = up.call(Endpoint::Licenses, req, deadline, &attempts).await;
+            (r, attempts.load(Ordering::Relaxed))
+        }
+        assert_eq!(call(&up).await.1, 1);
+        let u = UpstreamConfig {
+            retries: 2,
+            timeout: Dur::secs(7),
+            circuit_failures: 4,
+            connect_timeout: Dur::secs(2),
+            max_response_bytes: ByteSize(1234),
+            rate_per_second: 5.0,
+            burst: 1,
+            ..UpstreamConfig::default()
+        };
+        up.apply(&u);
+        assert_eq!(up.settings().retries, 2);
+        assert_eq!(up.settings().timeout, Duration::from_secs(7));
+        assert_eq!(
+            *transport.reconfigured.lock(),
+            Some((Duration::from_secs(2), 1234))
+        );
+        assert!(up.budget_available() <= 1.0);
+        // The first call's failure and three attempts (two retries) reach the new threshold.
+        let (r, attempts) = call(&up).await;
+        assert!(r.is_err());
+        assert_eq!(attempts, 3);
+        assert_eq!(up.circuit_state(), CircuitState::Open);
     }
 
     #[test]

@@ -15,12 +15,14 @@
 //! - A refused token is renewed once; a renewed token refused too backs off (1 s doubling to
 //!   60 s), and no token call is made while the upstream is closed to us (cooldown, open circuit).
 
+use crate::config::CredentialsConfig;
 use crate::error::{GatewayError, Throttle};
 use crate::observe::{Metrics, TokenLabel};
 use crate::secret::Secret;
 use crate::upstream::circuit::CircuitState;
 use crate::upstream::Upstream;
 use crate::util::Shutdown;
+use arc_swap::ArcSwap;
 use guard::{Cause, Guard, Origin};
 use http::{header, HeaderMap, HeaderValue};
 use parking_lot::Mutex;
@@ -52,6 +54,32 @@ pub fn session_margin(idle: Duration) -> Duration {
     (idle / 20).min(Duration::from_secs(1))
 }
 
+/// Credentials with their fingerprint, swapped together.
+struct Login {
+    creds: UpstreamCredentials,
+    /// Of the username and password (the session guard's "changed credentials").
+    fingerprint: String,
+    /// Of the client id and secret (the OAuth guard's).
+    client_fingerprint: String,
+}
+
+impl Login {
+    fn new(creds: UpstreamCredentials) -> Self {
+        Self {
+            fingerprint: creds.fingerprint(),
+            client_fingerprint: creds.client_fingerprint(),
+            creds,
+        }
+    }
+}
+
+impl std::ops::Deref for Login {
+    type Target = UpstreamCredentials;
+    fn deref(&self) -> &UpstreamCredentials {
+        &self.creds
+    }
+}
+
 pub struct UpstreamCredentials {
     pub client_id: String,
     pub client_secret: Secret,
@@ -79,8 +107,20 @@ impl UpstreamCredentials {
         let digest = ring::digest::digest(&ring::digest::SHA256, input.as_bytes());
         crate::util::hex(&digest.as_ref()[..8])
     }
+
+    /// The same for the OAuth client id and secret.
+    fn client_fingerprint(&self) -> String {
+        let input = format!(
+            "thingspace-gateway client v1\0{}\0{}",
+            self.client_id,
+            self.client_secret.expose()
+        );
+        let digest = ring::digest::digest(&ring::digest::SHA256, input.as_bytes());
+        crate::util::hex(&digest.as_ref()[..8])
+    }
 }
 
+#[derive(Debug, Clone)]
 pub struct TokenSettings {
     pub session_idle_timeout: Duration,
     pub max_failed_logins: u32,
@@ -151,10 +191,10 @@ fn calls(token: TokenLabel) -> &'static str {
 
 pub struct TokenManager {
     upstream: Arc<Upstream>,
-    creds: UpstreamCredentials,
-    /// Of `creds`, computed once.
-    fingerprint: String,
-    settings: TokenSettings,
+    /// The credentials the next token call uses, and their fingerprint; swapped by
+    /// [`TokenManager::apply`].
+    creds: ArcSwap<Login>,
+    settings: ArcSwap<TokenSettings>,
     metrics: Metrics,
     /// Held tokens, refresh leases, guards and their store.
     state: Arc<dyn CredentialState>,
@@ -208,11 +248,9 @@ impl TokenManager {
         metrics: Metrics,
         state: Arc<dyn CredentialState>,
     ) -> Self {
-        let fingerprint = creds.fingerprint();
         let m = Self {
             upstream,
-            fingerprint,
-            settings,
+            settings: ArcSwap::from_pointee(settings),
             metrics,
             epoch: Instant::now(),
             epoch_wall: SystemTime::now(),
@@ -222,20 +260,87 @@ impl TokenManager {
             wake: tokio::sync::Notify::new(),
             save_order: tokio::sync::Mutex::new(()),
             state,
-            creds,
+            creds: ArcSwap::from_pointee(Login::new(creds)),
         };
-        if m.creds.user_configured() {
-            let record = m.state.guard_store().load(&m.creds.username);
+        let login = m.creds.load_full();
+        if login.user_configured() {
+            let record = m.state.guard_store().load(&login.username);
             *m.state.guard(TokenLabel::Session).lock() = m.guard_from(&record);
         }
         m
+    }
+
+    /// New `[credentials]` values (a reload, SPEC §11): the next token call and login use them,
+    /// and `session_idle_timeout`, `max_failed_logins`, `login_pause` and `call_timeout` (the
+    /// background refresh's deadline, `server.request_timeout`) apply from now. Held tokens
+    /// are kept (no forced login). Changed credentials lift a login *pause* for one attempt
+    /// (the rejected count is kept until an attempt is accepted, so one more rejection pauses
+    /// again), never a *stop*: only `POST /credentials/reset` lifts that (SPEC §5). A new
+    /// username brings its own login counts from the guard store.
+    pub fn apply(&self, c: &CredentialsConfig, call_timeout: Duration) {
+        self.settings.store(Arc::new(TokenSettings {
+            session_idle_timeout: c.session_idle_timeout.0,
+            max_failed_logins: c.max_failed_logins,
+            login_pause: c.login_pause.0,
+            call_timeout,
+        }));
+        let next = Login::new(UpstreamCredentials {
+            client_id: c.client_id.clone(),
+            client_secret: c.client_secret.clone(),
+            username: c.username.clone(),
+            password: c.password.clone(),
+        });
+        let old = self.creds.load_full();
+        let user_changed = next.fingerprint != old.fingerprint;
+        let client_changed = next.client_fingerprint != old.client_fingerprint;
+        let other_user = next.username != old.username;
+        let next = Arc::new(next);
+        self.creds.store(next.clone());
+        if client_changed {
+            let mut g = self.state.guard(TokenLabel::Oauth).lock();
+            if g.paused(Instant::now()).is_some() {
+                g.paused_until = None;
+                tracing::warn!(
+                    rejected = g.rejected,
+                    "the OAuth client credentials changed: the token request pause is lifted \
+                     for one attempt"
+                );
+            }
+        }
+        if other_user && next.user_configured() {
+            // The counts belong to the ThingSpace user: the new one's as stored (a stored pause
+            // under other credentials is lifted there, a stop kept).
+            let record = self.state.guard_store().load(&next.username);
+            *self.state.guard(TokenLabel::Session).lock() = self.guard_from(&record);
+        } else if user_changed {
+            let mut g = self.state.guard(TokenLabel::Session).lock();
+            if !g.is_stopped() && g.paused(Instant::now()).is_some() {
+                g.paused_until = None;
+                tracing::warn!(
+                    rejected = g.rejected,
+                    attempts = g.attempts,
+                    "the credentials changed: the login pause is lifted for one attempt"
+                );
+            } else if g.is_stopped() {
+                tracing::warn!(
+                    rejected = g.rejected,
+                    attempts = g.attempts,
+                    "the credentials changed, but upstream session logins stay stopped until \
+                     POST /credentials/reset on the admin API"
+                );
+            }
+        }
+        if user_changed || client_changed {
+            // The background loop logs in now if it has nothing held.
+            self.wake.notify_one();
+        }
     }
 
     /// The session guard as stored: a pause read back is capped at now + `login_pause`; changed
     /// credentials lift a pause (one attempt), never a stop.
     fn guard_from(&self, r: &Record) -> Guard {
         let now = Instant::now();
-        let pause = self.settings.login_pause;
+        let pause = self.settings.load().login_pause;
         let paused_until = r.paused_until.as_ref().map(|s| {
             match humantime::parse_rfc3339_weak(s) {
                 Ok(wall) => wall
@@ -254,7 +359,7 @@ impl TokenManager {
             locked: r.locked,
             ..Guard::default()
         };
-        let changed = !r.fingerprint.is_empty() && r.fingerprint != self.fingerprint;
+        let changed = !r.fingerprint.is_empty() && r.fingerprint != self.creds.load().fingerprint;
         if g.is_stopped() {
             g.stopped = true;
             tracing::error!(
@@ -293,7 +398,7 @@ impl TokenManager {
                 .map(|u| humantime::format_rfc3339_millis(self.wall(u)).to_string()),
             stopped: g.stopped,
             locked: g.locked,
-            fingerprint: self.fingerprint.clone(),
+            fingerprint: self.creds.load().fingerprint.clone(),
         }
     }
 
@@ -304,10 +409,8 @@ impl TokenManager {
             &self.state.guard(TokenLabel::Session).lock(),
             Instant::now(),
         );
-        self.state
-            .guard_store()
-            .save(&self.creds.username, record)
-            .await
+        let username = self.creds.load().username.clone();
+        self.state.guard_store().save(&username, record).await
     }
 
     fn wall(&self, t: Instant) -> SystemTime {
@@ -324,7 +427,7 @@ impl TokenManager {
     fn session_expiry(&self, s: &SessionToken) -> Instant {
         self.epoch
             + Duration::from_millis(s.last_used_ms.load(Ordering::Relaxed))
-            + self.settings.session_idle_timeout
+            + self.settings.load().session_idle_timeout
     }
 
     fn valid_oauth(&self, now: Instant) -> Option<Arc<OAuthToken>> {
@@ -332,7 +435,7 @@ impl TokenManager {
     }
 
     fn valid_session(&self, now: Instant) -> Option<Arc<SessionToken>> {
-        let margin = session_margin(self.settings.session_idle_timeout);
+        let margin = session_margin(self.settings.load().session_idle_timeout);
         self.state
             .held_session()
             .filter(|s| now + margin < self.session_expiry(s))
@@ -458,7 +561,7 @@ impl TokenManager {
 
     /// When the background loop should act next.
     fn next_wake(&self, now: Instant) -> Instant {
-        if !self.creds.client_configured() {
+        if !self.creds.load().client_configured() {
             return now + IDLE_WAKE;
         }
         let later =
@@ -470,7 +573,10 @@ impl TokenManager {
         let held = self.valid_oauth(now);
         let oauth_due = held.as_ref().map(|t| refresh_at(t)).unwrap_or(now);
         let mut next = oauth_due.max(oauth_blocked.unwrap_or(now));
-        if held.is_some() && self.state.held_session().is_none() && self.creds.user_configured() {
+        if held.is_some()
+            && self.state.held_session().is_none()
+            && self.creds.load().user_configured()
+        {
             let g = self.state.guard(TokenLabel::Session).lock();
             if !g.is_stopped() {
                 let blocked = later(&[g.paused_until, g.backoff_until]);
@@ -494,8 +600,8 @@ impl TokenManager {
                 _ = self.wake.notified() => {}
                 _ = shutdown.wait() => return,
             }
-            if self.creds.client_configured() {
-                let deadline = Instant::now() + self.settings.call_timeout;
+            if self.creds.load().client_configured() {
+                let deadline = Instant::now() + self.settings.load().call_timeout;
                 let now = Instant::now();
                 match self.state.held_oauth() {
                     Some(t) if now < refresh_at(&t) && now < t.expires_at => {}
@@ -504,7 +610,7 @@ impl TokenManager {
                     }
                 }
                 if let Some(oauth) = self.valid_oauth(Instant::now()) {
-                    if self.state.held_session().is_none() && self.creds.user_configured() {
+                    if self.state.held_session().is_none() && self.creds.load().user_configured() {
                         // Failures are recorded by the guard (backoff, pause, stop); the next
                         // turn waits for them.
                         let _ = self.session_token(&oauth, deadline).await;

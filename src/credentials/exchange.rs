@@ -150,8 +150,8 @@ impl TokenManager {
                     g.rejected(
                         what,
                         status,
-                        self.settings.max_failed_logins,
-                        self.settings.login_pause,
+                        self.settings.load().max_failed_logins,
+                        self.settings.load().login_pause,
                         now,
                     );
                     let e = GatewayError::UpstreamAuthFailed(guard::REJECTED);

@@ -113,7 +113,7 @@ impl TokenManager {
         let exchange = Exchange {
             token: TokenLabel::Session,
             endpoint: Endpoint::SessionLogin,
-            configured: self.creds.user_configured(),
+            configured: self.creds.load().user_configured(),
             charged: true,
             request: self.login_request(bearer),
             parse: |resp: RawResponse, sent| {
@@ -148,8 +148,8 @@ impl TokenManager {
         headers.insert(header::CONTENT_TYPE, crate::respond::JSON);
         headers.insert(header::ACCEPT, crate::respond::JSON);
         let body = serde_json::json!({
-            "username": self.creds.username,
-            "password": self.creds.password.expose(),
+            "username": self.creds.load().username,
+            "password": self.creds.load().password.expose(),
         });
         OutRequest {
             method: Method::POST,

@@ -36,7 +36,7 @@ impl TokenManager {
         let exchange = Exchange {
             token: TokenLabel::Oauth,
             endpoint: Endpoint::OauthToken,
-            configured: self.creds.client_configured(),
+            configured: self.creds.load().client_configured(),
             charged: false,
             request: self.token_request(),
             parse: |resp, sent| self.parse_token(resp, sent),
@@ -127,8 +127,8 @@ impl TokenManager {
         let mut headers = HeaderMap::new();
         let basic = base64::engine::general_purpose::STANDARD.encode(format!(
             "{}:{}",
-            self.creds.client_id,
-            self.creds.client_secret.expose()
+            self.creds.load().client_id,
+            self.creds.load().client_secret.expose()
         ));
         if let Some(v) = sensitive(&format!("Basic {basic}")) {
             headers.insert(header::AUTHORIZATION, v);

@@ -18,14 +18,14 @@ impl TokenManager {
         }
         let now = Instant::now();
         let mut reasons = Vec::new();
-        if !self.creds.client_configured() {
+        if !self.creds.load().client_configured() {
             reasons.push(
                 "no upstream client credentials configured (credentials.client_id, \
                  client_secret): no token call is made"
                     .to_string(),
             );
         }
-        if !self.creds.user_configured() {
+        if !self.creds.load().user_configured() {
             reasons.push(
                 "no upstream username and password configured (credentials.username, \
                  password): no login is sent"

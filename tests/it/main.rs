@@ -2,6 +2,7 @@
 //! gateway on 127.0.0.1 port 0 and talks to them over TCP (or, under paused time, through the
 //! simulator's in-memory transport).
 
+mod apply;
 mod cache;
 mod common;
 mod config_files;

@@ -147,11 +147,12 @@ impl TokenManager {
                     (Ok(t), Some(RefreshOutcome::Success))
                 }
                 Outcome::Rejected(status) => {
+                    let settings = self.settings.load();
                     g.rejected(
                         what,
                         status,
-                        self.settings.load().max_failed_logins,
-                        self.settings.load().login_pause,
+                        settings.max_failed_logins,
+                        settings.login_pause,
                         now,
                     );
                     let e = GatewayError::UpstreamAuthFailed(guard::REJECTED);

@@ -147,9 +147,11 @@ impl TokenManager {
         }
         headers.insert(header::CONTENT_TYPE, crate::respond::JSON);
         headers.insert(header::ACCEPT, crate::respond::JSON);
+        // One snapshot: a reload never pairs one username with another's password.
+        let creds = self.creds.load();
         let body = serde_json::json!({
-            "username": self.creds.load().username,
-            "password": self.creds.load().password.expose(),
+            "username": creds.username,
+            "password": creds.password.expose(),
         });
         OutRequest {
             method: Method::POST,

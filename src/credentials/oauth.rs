@@ -125,10 +125,11 @@ impl TokenManager {
 
     fn token_request(&self) -> OutRequest {
         let mut headers = HeaderMap::new();
+        let creds = self.creds.load();
         let basic = base64::engine::general_purpose::STANDARD.encode(format!(
             "{}:{}",
-            self.creds.load().client_id,
-            self.creds.load().client_secret.expose()
+            creds.client_id,
+            creds.client_secret.expose()
         ));
         if let Some(v) = sensitive(&format!("Basic {basic}")) {
             headers.insert(header::AUTHORIZATION, v);

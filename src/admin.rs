@@ -14,7 +14,9 @@ use crate::util::Shutdown;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::json;
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::SystemTime;
 use tokio::time::Instant;
 
@@ -32,16 +34,34 @@ pub struct View {
     pub api: ClientApi,
     pub shutdown: Shutdown,
     pub started: std::time::Instant,
+    pub reloader: OnceLock<Weak<dyn Reloader>>,
 }
 
 impl AdminApi {
     pub fn new(view: View) -> Self {
         Self(Arc::new(view))
     }
+
+    /// Connects the reload route to what reloads (set once, after the gateway is built; weak,
+    /// so the gateway and its admin API do not keep each other alive).
+    pub fn set_reloader(&self, reloader: Weak<dyn Reloader>) {
+        let _ = self.0.reloader.set(reloader);
+    }
+
+    fn reloader(&self) -> Option<Arc<dyn Reloader>> {
+        self.0.reloader.get().and_then(Weak::upgrade)
+    }
+
+    async fn reload(&self) -> Response<Body> {
+        match self.reloader() {
+            Some(r) => json_value(StatusCode::OK, &r.reload().await),
+            None => GatewayError::NotFound.to_response(),
+        }
+    }
 }
 
 /// Every admin route's path template (as in `deploy/openapi.yaml`) and its methods.
-pub const ADMIN_ROUTES: [(&str, &[&str]); 7] = [
+pub const ADMIN_ROUTES: [(&str, &[&str]); 8] = [
     ("/metrics", &["GET", "HEAD"]),
     ("/healthz", &["GET", "HEAD"]),
     ("/readyz", &["GET", "HEAD"]),
@@ -49,7 +69,16 @@ pub const ADMIN_ROUTES: [(&str, &[&str]); 7] = [
     ("/cache", &["DELETE"]),
     ("/cache/accounts/{account}", &["DELETE"]),
     ("/credentials/reset", &["POST"]),
+    ("/config/reload", &["POST"]),
 ];
+
+/// Reloads the config (SPEC §11) and reports on the config in force; the runtime implements it.
+pub trait Reloader: Send + Sync + 'static {
+    /// The reload's JSON answer.
+    fn reload(&self) -> Pin<Box<dyn Future<Output = serde_json::Value> + Send + '_>>;
+    /// `config` of `/status`.
+    fn config_status(&self) -> serde_json::Value;
+}
 
 fn not_found() -> Response<Body> {
     crate::error::GatewayError::NotFound.to_response()
@@ -152,6 +181,7 @@ impl AdminApi {
                     "inflight": g.metrics.upstream_inflight.get(),
                 },
                 "clients": {"inflight": g.api.inflight()},
+                "config": self.reloader().map(|r| r.config_status()),
             }),
         )
     }
@@ -194,8 +224,17 @@ impl Handler for AdminApi {
                 json_value(StatusCode::OK, &json!({"purged": n}))
             }
             "/cache" => method_not_allowed("DELETE"),
-            "/credentials/reset" if req.method() == Method::POST => self.reset_credentials().await,
-            "/credentials/reset" => method_not_allowed("POST"),
+            "/credentials/reset" | "/config/reload" if req.method() == Method::POST => {
+                if let Err(e) = self.authorize_change(&req) {
+                    return e.to_response();
+                }
+                if path == "/config/reload" {
+                    self.reload().await
+                } else {
+                    self.reset_credentials().await
+                }
+            }
+            "/credentials/reset" | "/config/reload" => method_not_allowed("POST"),
             p => match p.strip_prefix("/cache/accounts/") {
                 Some(account) if crate::api::route::valid_account(account) => {
                     if req.method() != Method::DELETE {

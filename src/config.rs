@@ -376,21 +376,47 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 /// Reads the config: `path` if given (must exist), else `config/gateway.toml` if present, else
 /// the defaults; then env overrides, credential env vars and secret files; then validates.
 pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+    load_with_meta(path).map(|(cfg, _)| cfg)
+}
+
+/// What a load read besides the config: for `/status` and reload answers.
+#[derive(Debug, Clone, Default)]
+pub struct LoadMeta {
+    /// SHA-256 of the file as read, hex; `None` when running on the defaults (no file).
+    pub sha256: Option<String>,
+    /// Dotted keys whose file value an environment variable overrides (the environment of a
+    /// running process cannot change, so editing those keys in the file changes nothing).
+    pub shadowed_keys: Vec<String>,
+}
+
+/// [`load`], and what it read.
+pub fn load_with_meta(path: Option<&Path>) -> Result<(Config, LoadMeta), ConfigError> {
     let env: Vec<(String, String)> = std::env::vars().collect();
+    let read = |p: &Path| {
+        std::fs::read_to_string(p).map_err(|e| err(format!("config file {}: {e}", p.display())))
+    };
     let text = match path {
-        Some(p) => std::fs::read_to_string(p)
-            .map_err(|e| err(format!("config file {}: {e}", p.display())))?,
+        Some(p) => Some(read(p)?),
         None => {
             let default = PathBuf::from("config/gateway.toml");
             if default.exists() {
-                std::fs::read_to_string(&default)
-                    .map_err(|e| err(format!("config file {}: {e}", default.display())))?
+                Some(read(&default)?)
             } else {
-                String::new()
+                None
             }
         }
     };
-    from_toml_with_env(&text, &env)
+    let cfg = from_toml_with_env(text.as_deref().unwrap_or(""), &env)?;
+    let sha256 = text.map(|t| {
+        crate::util::hex(ring::digest::digest(&ring::digest::SHA256, t.as_bytes()).as_ref())
+    });
+    Ok((
+        cfg,
+        LoadMeta {
+            sha256,
+            shadowed_keys: env::shadowed_keys(&env),
+        },
+    ))
 }
 
 /// The pure part of [`load`]: TOML text plus an environment, validated.

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use thingspace_gateway::config::{self, Config, LogFormat};
-use thingspace_gateway::runtime::Running;
+use thingspace_gateway::runtime::{Gateway, LogLevelHook, Running};
 #[cfg(feature = "sim")]
 use thingspace_sim::{SimOptions, Simulator};
 
@@ -88,17 +88,30 @@ fn duration(s: &str) -> Result<Duration, String> {
     config::parse_duration(s)
 }
 
-fn init_logging(format: LogFormat, level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+/// Logs to stderr through one top-level filter: `RUST_LOG` when set, else `log.level`. Returns
+/// what applies a new `log.level` on reload (`None` while `RUST_LOG` rules). The filter is a
+/// top-level reloadable layer: a reload handle on a per-layer filter panics (tokio-rs/tracing#1629).
+fn init_logging(format: LogFormat, level: &str) -> Option<LogLevelHook> {
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{fmt, reload, EnvFilter};
+    let from_env = EnvFilter::try_from_default_env().ok();
+    let env_rules = from_env.is_some();
+    let filter = from_env
+        .or_else(|| EnvFilter::try_new(level).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let (filter, handle) = reload::Layer::new(filter);
+    let layer = fmt::layer().with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
     match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Json => registry.with(layer.json()).init(),
+        LogFormat::Text => registry.with(layer).init(),
     }
+    (!env_rules).then(|| -> LogLevelHook {
+        Box::new(move |level: &str| {
+            let f = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+            handle.reload(f).map_err(|e| e.to_string())
+        })
+    })
 }
 
 fn main() -> ExitCode {
@@ -148,17 +161,17 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            init_logging(cfg.log.format, &cfg.log.level);
-            run(serve(cfg))
+            let log_level = init_logging(cfg.log.format, &cfg.log.level);
+            run(serve(cfg, config, log_level))
         }
         #[cfg(feature = "sim")]
         Command::Demo => {
-            init_logging(LogFormat::Text, "info");
+            let _ = init_logging(LogFormat::Text, "info");
             run(demo())
         }
         #[cfg(feature = "sim")]
         Command::Sim(args) => {
-            init_logging(LogFormat::Text, "info");
+            let _ = init_logging(LogFormat::Text, "info");
             run(sim(args))
         }
         #[cfg(not(feature = "sim"))]
@@ -212,11 +225,21 @@ async fn stop_signal() {
     }
 }
 
-async fn serve(cfg: Config) -> anyhow::Result<()> {
+/// `cfg` is the config as checked before logging started; the gateway reads `source` again
+/// itself, so that a reload reads the same source.
+async fn serve(
+    cfg: Config,
+    source: Option<PathBuf>,
+    log_level: Option<LogLevelHook>,
+) -> anyhow::Result<()> {
     thingspace_gateway::upstream::tls::install_crypto_provider();
-    let grace = cfg.server.shutdown_grace.0;
     thingspace_gateway::runtime::raise_open_files_limit(cfg.server.max_connections);
-    let running = Running::start(cfg).await?;
+    let gateway = Gateway::from_source(source)?;
+    let grace = gateway.settings().fixed().server.shutdown_grace.0;
+    if let Some(hook) = log_level {
+        gateway.on_log_level(hook);
+    }
+    let running = Running::start_with(gateway).await?;
     tracing::info!(listen = %running.addr, admin = %running.admin_addr, "thingspace-gateway serving");
     stop_signal().await;
     tracing::info!(grace = ?grace, "signal received: draining in-flight requests");

@@ -134,6 +134,8 @@ pub struct Metrics {
     token_expiry: GaugeVec,
     pub circuit_open: IntGauge,
     pub budget_available: Gauge,
+    config_reloads: IntCounterVec,
+    config_last_reload: Gauge,
     login_paused: IntGaugeVec,
     // Handles resolved once, so the hit path does no label lookups.
     pub lookup_hit: IntCounter,
@@ -325,7 +327,44 @@ impl Metrics {
                 )),
             ),
             login_paused,
+            config_reloads: {
+                let c = counters(
+                    &r,
+                    "config_reloads_total",
+                    "Config reloads by outcome (applied, rejected).",
+                    &["outcome"],
+                );
+                for outcome in ["applied", "rejected"] {
+                    c.with_label_values(&[outcome]);
+                }
+                c
+            },
+            config_last_reload: register(
+                &r,
+                Gauge::with_opts(opts(
+                    "config_last_reload_timestamp_seconds",
+                    "When the config in force was loaded (start-up included), Unix seconds.",
+                )),
+            ),
             registry: r,
+        }
+    }
+
+    /// The config in force was loaded at `at` (start-up or an applied reload).
+    pub fn config_loaded(&self, at: std::time::SystemTime) {
+        let secs = at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        self.config_last_reload.set(secs);
+    }
+
+    /// One reload, applied or rejected.
+    pub fn config_reload(&self, applied: bool, at: std::time::SystemTime) {
+        let outcome = if applied { "applied" } else { "rejected" };
+        self.config_reloads.with_label_values(&[outcome]).inc();
+        if applied {
+            self.config_loaded(at);
         }
     }
 

@@ -1,12 +1,15 @@
 //! The gateway's shared state, built once at start-up, and the listeners that serve it.
 
 pub mod listener;
+mod reload;
 
-use crate::admin::{AdminApi, View};
+pub use reload::ReloadReport;
+
+use crate::admin::{AdminApi, Reloader, View};
 use crate::api::ClientApi;
 use crate::cache::{MokaStore, PageCache, Windows};
 use crate::clients::Clients;
-use crate::config::{Config, Settings};
+use crate::config::{Config, LoadMeta, Settings};
 use crate::credentials::{TokenManager, TokenSettings, UpstreamCredentials};
 use crate::observe::Metrics;
 use crate::read::Reader;
@@ -15,9 +18,13 @@ use crate::upstream::protection::LocalProtection;
 use crate::upstream::transport::{HttpTransport, Transport};
 use crate::upstream::{Upstream, UpstreamSettings};
 use crate::util::Shutdown;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use listener::{serve, ServeOptions};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::{OnceLock, Weak};
+use std::time::SystemTime;
 use tokio::net::TcpListener;
 
 /// hyper's own cap on the request header count. Up to it, a head with more than
@@ -73,6 +80,27 @@ pub struct Gateway {
     admin: AdminApi,
     /// Fired on SIGTERM/SIGINT: listeners stop accepting and drain.
     shutdown: Shutdown,
+    /// The client listener's TLS (`server.tls_cert`/`tls_key`): swapped by a reload, read by
+    /// each new handshake.
+    tls: ArcSwapOption<tokio_rustls::TlsAcceptor>,
+    /// Where the config was read from (`None`: `config/gateway.toml` if present, else the
+    /// defaults), what was read, and when: a reload reads the same source again.
+    source: Option<PathBuf>,
+    loaded: ArcSwap<Loaded>,
+    /// One reload at a time (SIGHUP and the admin route may race).
+    reloading: tokio::sync::Mutex<()>,
+    /// Applies `log.level` (set by the binary, which owns the log subscriber; unset while
+    /// `RUST_LOG` rules).
+    log_level: OnceLock<LogLevelHook>,
+}
+
+/// Applies a new `log.level` filter.
+pub type LogLevelHook = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// The config in force: what was read, and when.
+struct Loaded {
+    at: SystemTime,
+    meta: LoadMeta,
 }
 
 impl Gateway {
@@ -91,6 +119,39 @@ impl Gateway {
     /// token key can be drawn from the system's random generator, or when the guard file cannot
     /// be opened or another process holds it.
     pub fn with_transport(cfg: Config, transport: Arc<dyn Transport>) -> anyhow::Result<Arc<Self>> {
+        Self::build(cfg, transport, None, LoadMeta::default())
+    }
+
+    /// Reads the config from `path` (or, with `None`, `config/gateway.toml` if present, else
+    /// the defaults) and builds the gateway over the real transport; a reload reads the same
+    /// source again.
+    pub fn from_source(path: Option<PathBuf>) -> anyhow::Result<Arc<Self>> {
+        let (cfg, meta) = crate::config::load_with_meta(path.as_deref())?;
+        let transport = HttpTransport::new(
+            &cfg.upstream.base_url,
+            cfg.upstream.ca_file.as_deref(),
+            cfg.upstream.connect_timeout.0,
+            cfg.upstream.max_response_bytes.as_usize(),
+        )?;
+        Self::build(cfg, Arc::new(transport), path, meta)
+    }
+
+    /// [`Gateway::from_source`] over any transport (tests run the simulator in-process).
+    pub fn from_source_with_transport(
+        path: PathBuf,
+        transport: Arc<dyn Transport>,
+    ) -> anyhow::Result<Arc<Self>> {
+        let (cfg, meta) = crate::config::load_with_meta(Some(&path))?;
+        Self::build(cfg, transport, Some(path), meta)
+    }
+
+    fn build(
+        cfg: Config,
+        transport: Arc<dyn Transport>,
+        source: Option<PathBuf>,
+        meta: LoadMeta,
+    ) -> anyhow::Result<Arc<Self>> {
+        let tls = server_tls(&cfg)?;
         let metrics = Metrics::new();
         let u = &cfg.upstream;
         let upstream = Arc::new(Upstream::new(
@@ -156,8 +217,9 @@ impl Gateway {
             api: api.clone(),
             shutdown: shutdown.clone(),
             started: std::time::Instant::now(),
+            reloader: OnceLock::new(),
         });
-        Ok(Arc::new(Gateway {
+        let gateway = Arc::new(Gateway {
             settings,
             metrics,
             upstream,
@@ -166,7 +228,24 @@ impl Gateway {
             api,
             admin,
             shutdown,
-        }))
+            tls: ArcSwapOption::new(tls.map(Arc::new)),
+            source,
+            loaded: ArcSwap::from_pointee(Loaded {
+                at: SystemTime::now(),
+                meta,
+            }),
+            reloading: tokio::sync::Mutex::new(()),
+            log_level: OnceLock::new(),
+        });
+        gateway.metrics.config_loaded(SystemTime::now());
+        let weak: Weak<dyn Reloader> = Arc::downgrade(&gateway) as Weak<dyn Reloader>;
+        gateway.admin.set_reloader(weak);
+        Ok(gateway)
+    }
+
+    /// Lets reloads apply `log.level` (the binary owns the subscriber).
+    pub fn on_log_level(&self, hook: LogLevelHook) {
+        let _ = self.log_level.set(hook);
     }
 
     /// The checked config: the live part a reload swaps, and the start-up values.
@@ -200,6 +279,26 @@ impl Gateway {
 
     pub fn shutdown(&self) -> &Shutdown {
         &self.shutdown
+    }
+
+    /// What a new connection is served with, from the live config.
+    fn serve_options(&self, client: bool) -> ServeOptions {
+        let cfg = self.settings.load();
+        let s = &cfg.server;
+        ServeOptions {
+            header_read_timeout: s.header_read_timeout.0,
+            // hyper's caps sit above ours so that our 431 (with its JSON body) answers first: any
+            // head within hyper's read buffer with up to HYPER_MAX_HEADERS headers reaches it.
+            max_head_bytes: s.max_header_bytes.as_usize() * 2 + 8192,
+            max_headers: HYPER_MAX_HEADERS,
+            write_timeout: s.write_timeout.0,
+            tls: if client {
+                self.tls.load_full().map(|a| (*a).clone())
+            } else {
+                None
+            },
+            shutdown_grace: s.shutdown_grace.0,
+        }
     }
 
     /// Starts the token manager's background loop (held tokens kept fresh) until shutdown.
@@ -236,43 +335,33 @@ impl Running {
             .map_err(|e| anyhow::anyhow!("server.admin_listen {}: {e}", s.admin_listen))?;
         let addr = listener.local_addr()?;
         let admin_addr = admin.local_addr()?;
-        let tls = match (&s.tls_cert, &s.tls_key) {
-            (Some(cert), Some(key)) => Some(crate::upstream::tls::server_acceptor(cert, key)?),
-            _ => None,
-        };
-        let opts = ServeOptions {
-            max_connections: s.max_connections,
-            header_read_timeout: s.header_read_timeout.0,
-            // hyper's caps sit above ours so that our 431 (with its JSON body) answers first: any
-            // head within hyper's read buffer with up to HYPER_MAX_HEADERS headers reaches it.
-            max_head_bytes: s.max_header_bytes.as_usize() * 2 + 8192,
-            max_headers: HYPER_MAX_HEADERS,
-            write_timeout: s.write_timeout.0,
-            tls: None,
-        };
-        let client_opts = ServeOptions {
-            tls,
-            ..opts.clone()
-        };
-        let grace = s.shutdown_grace.0;
         let shutdown = gateway.shutdown.clone();
-        let tasks = vec![
+        let client_opts = {
+            let g = gateway.clone();
+            move || g.serve_options(true)
+        };
+        let admin_opts = {
+            let g = gateway.clone();
+            move || g.serve_options(false)
+        };
+        let mut tasks = vec![
             gateway.spawn_token_refresher(),
             tokio::spawn(serve(
                 listener,
+                s.max_connections,
                 client_opts,
                 Arc::new(gateway.client_api()),
                 shutdown.clone(),
-                grace,
             )),
             tokio::spawn(serve(
                 admin,
-                opts,
+                s.max_connections,
+                admin_opts,
                 Arc::new(gateway.admin_api()),
                 shutdown,
-                grace,
             )),
         ];
+        tasks.extend(reload::spawn_sighup(&gateway));
         Ok(Running {
             tls: s.tls_cert.is_some(),
             addr,
@@ -303,6 +392,14 @@ impl Running {
 impl Drop for Running {
     fn drop(&mut self) {
         self.gateway.shutdown.trigger();
+    }
+}
+
+/// The client listener's TLS acceptor from `server.tls_cert`/`tls_key`, when both are set.
+fn server_tls(cfg: &Config) -> anyhow::Result<Option<tokio_rustls::TlsAcceptor>> {
+    match (&cfg.server.tls_cert, &cfg.server.tls_key) {
+        (Some(cert), Some(key)) => Ok(Some(crate::upstream::tls::server_acceptor(cert, key)?)),
+        _ => Ok(None),
     }
 }
 

@@ -100,6 +100,51 @@ pub(super) fn resolve_credentials(
     Ok(())
 }
 
+/// The dotted keys the environment sets (generic overrides and the short names of secrets).
+pub(super) fn shadowed_keys(env: &[(String, String)]) -> Vec<String> {
+    const SHORT: [(&str, &[&str]); 6] = [
+        ("THINGSPACE_CLIENT_ID", &["credentials.client_id"]),
+        (
+            "THINGSPACE_CLIENT_SECRET",
+            &[
+                "credentials.client_secret",
+                "credentials.client_secret_file",
+            ],
+        ),
+        ("THINGSPACE_USERNAME", &["credentials.username"]),
+        (
+            "THINGSPACE_PASSWORD",
+            &["credentials.password", "credentials.password_file"],
+        ),
+        (
+            "THINGSPACE_GATEWAY_TOKEN_KEY",
+            &["clients.token_signing_key"],
+        ),
+        ("THINGSPACE_GATEWAY_ADMIN_TOKEN", &["server.admin_token"]),
+    ];
+    let mut keys = Vec::new();
+    for (name, value) in env {
+        if value.is_empty() {
+            continue;
+        }
+        if let Some((_, shadowed)) = SHORT.iter().find(|(short, _)| short == name) {
+            keys.extend(shadowed.iter().map(|k| k.to_string()));
+        } else if let Some((section, key)) = name
+            .strip_prefix(ENV_PREFIX)
+            .and_then(|rest| rest.split_once("__"))
+        {
+            keys.push(format!(
+                "{}.{}",
+                section.to_ascii_lowercase(),
+                key.to_ascii_lowercase()
+            ));
+        }
+    }
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,5 +179,26 @@ mod tests {
         let e = apply_env_overrides(&mut toml::Table::new(), &env).unwrap_err();
         assert!(e.0.contains("upstream.burst"), "{e}");
         assert!(!e.0.contains("Hunter2"), "{e}");
+    }
+
+    #[test]
+    fn shadowed_keys_name_what_the_environment_sets() {
+        let env: Vec<(String, String)> = [
+            ("THINGSPACE_PASSWORD", "x"),
+            ("THINGSPACE_GATEWAY_CACHE__TTL", "1s"),
+            ("THINGSPACE_USERNAME", ""),
+            ("PATH", "/bin"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        assert_eq!(
+            super::shadowed_keys(&env),
+            vec![
+                "cache.ttl",
+                "credentials.password",
+                "credentials.password_file"
+            ]
+        );
     }
 }

@@ -22,9 +22,10 @@ use tokio::time::{Instant, Sleep};
 /// hyper's own default buffer limit (8 KiB + 4 KiB x 100).
 const HYPER_DEFAULT_MAX_BUF: usize = 8192 + 4096 * 100;
 
+/// What each new connection is served with; read from the live config as the connection is
+/// accepted, so a reload applies to new connections while established ones go on as they are.
 #[derive(Clone)]
 pub struct ServeOptions {
-    pub max_connections: usize,
     /// Also closes keep-alive connections idle this long (hyper starts it when waiting for a head).
     pub header_read_timeout: Duration,
     /// hyper's own hard cap on the request head; the gateway's finer 431 check runs below it.
@@ -33,32 +34,23 @@ pub struct ServeOptions {
     /// A write that makes no progress this long (the client reads nothing) closes the connection.
     pub write_timeout: Duration,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
-}
-
-impl Default for ServeOptions {
-    fn default() -> Self {
-        Self {
-            max_connections: 10_000,
-            header_read_timeout: Duration::from_secs(5),
-            max_head_bytes: 64 * 1024,
-            max_headers: 128,
-            write_timeout: Duration::from_secs(30),
-            tls: None,
-        }
-    }
+    /// On shutdown, how long in-flight connections get to finish.
+    pub shutdown_grace: Duration,
 }
 
 pub use crate::respond::Handler;
 
-/// Serves until `shutdown` fires, then waits up to `grace` for in-flight connections.
+/// Serves until `shutdown` fires, then waits up to `shutdown_grace` for in-flight connections.
+/// At most `max_connections` at once (a permit is taken before `accept`); `options` gives each
+/// new connection its settings.
 pub async fn serve<H: Handler>(
     listener: TcpListener,
-    opts: ServeOptions,
+    max_connections: usize,
+    options: impl Fn() -> ServeOptions + Send + Sync + 'static,
     handler: Arc<H>,
     shutdown: Shutdown,
-    grace: Duration,
 ) {
-    let permits = Arc::new(Semaphore::new(opts.max_connections));
+    let permits = Arc::new(Semaphore::new(max_connections));
     let graceful = GracefulShutdown::new();
     loop {
         let permit = tokio::select! {
@@ -78,6 +70,7 @@ pub async fn serve<H: Handler>(
             _ = shutdown.wait() => break,
         };
         let _ = stream.set_nodelay(true);
+        let opts = options();
         let stream = WriteTimeout::new(stream, opts.write_timeout);
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
@@ -94,7 +87,7 @@ pub async fn serve<H: Handler>(
             async move { Ok::<_, std::convert::Infallible>(handler.handle(req).await) }
         });
         let watcher = graceful.watcher();
-        match opts.tls.clone() {
+        match opts.tls {
             None => {
                 let conn = builder.serve_connection(TokioIo::new(stream), service);
                 tokio::spawn(async move {
@@ -119,6 +112,7 @@ pub async fn serve<H: Handler>(
         }
     }
     drop(listener);
+    let grace = options().shutdown_grace;
     tokio::select! {
         _ = graceful.shutdown() => {}
         _ = tokio::time::sleep(grace) => {

@@ -43,6 +43,11 @@ pub async fn start_sim(opts: SimOptions) -> Simulator {
 /// A gateway config in front of `base_url`, on port 0, clients open, with `extra` TOML merged
 /// in section by section (later keys win).
 pub fn config(base_url: &str, extra: &str) -> Config {
+    config::from_toml_with_env(&config_text(base_url, extra), &[]).expect("valid test config")
+}
+
+/// The TOML text of [`config`] (for tests that write a config file and reload it).
+pub fn config_text(base_url: &str, extra: &str) -> String {
     let base = format!(
         r#"
 [server]
@@ -70,8 +75,7 @@ mode = "none"
             }
         }
     }
-    config::from_toml_with_env(&toml::to_string(&table).expect("toml"), &[])
-        .expect("valid test config")
+    toml::to_string(&table).expect("toml")
 }
 
 pub async fn start_gateway(cfg: Config) -> Running {

@@ -13,6 +13,7 @@ mod metrics;
 mod openapi;
 mod process;
 mod protection;
+mod reload;
 mod security;
 mod simulator;
 mod timing;

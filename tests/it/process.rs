@@ -368,3 +368,95 @@ async fn a_second_process_on_the_same_guard_file_is_refused() {
     assert_eq!(sim.count("session_login"), 1);
     assert_eq!(sim.lock_events(), 0);
 }
+
+/// SIGHUP reloads the file (SPEC §11): the new `log.level` and ttl apply, the process keeps
+/// serving, and `/status` shows the new file's hash.
+#[tokio::test]
+async fn sighup_reloads_the_config_file() {
+    let sim = start_sim(sim_opts()).await;
+    let base = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         [upstream]\nbase_url = \"{}\"\n\
+         [credentials]\nclient_id = \"demo-key\"\nclient_secret = \"demo-secret\"\n\
+         username = \"demo-user\"\npassword = \"demo-pass\"\nguard_file = \"\"\n\
+         [clients]\nmode = \"none\"\n[log]\nformat = \"json\"\n",
+        sim.base_url()
+    );
+    let file = temp_file("sighup.toml", &format!("{base}level = \"info\"\n"));
+    // Without RUST_LOG, so that log.level rules.
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&file)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut admin = String::new();
+    let mut listen = String::new();
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(20)) {
+        if line.contains("thingspace-gateway serving") {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            listen = format!("http://{}", v["fields"]["listen"].as_str().unwrap());
+            admin = format!("http://{}", v["fields"]["admin"].as_str().unwrap());
+            break;
+        }
+    }
+    assert!(!admin.is_empty(), "gateway started");
+    let page_path = license_path(&sim.account_names()[0], 0);
+    let access_lines = |rx: &std::sync::mpsc::Receiver<String>| {
+        let mut n = 0;
+        while let Ok(line) = rx.recv_timeout(Duration::from_millis(300)) {
+            n += usize::from(line.contains("\"target\":\"access\""));
+        }
+        n
+    };
+    assert_eq!(
+        get(&format!("{listen}{page_path}")).await.status,
+        http::StatusCode::OK
+    );
+    assert_eq!(access_lines(&rx), 1, "log.level info: one access line");
+    let before = get(&format!("{admin}/status")).await.json()["config"]["sha256"].clone();
+    std::fs::write(
+        &file,
+        format!("{base}level = \"warn\"\n[cache]\nttl = \"2m\"\n"),
+    )
+    .unwrap();
+    let ok = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let mut reloaded = false;
+    for _ in 0..200 {
+        let status = get(&format!("{admin}/status")).await.json();
+        if status["config"]["sha256"] != before {
+            reloaded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(reloaded, "the new file's hash shows in /status");
+    let _ = access_lines(&rx);
+    let page = get(&format!("{listen}{page_path}")).await;
+    assert_eq!(page.status, http::StatusCode::OK);
+    assert!(
+        page.header("cache-control")
+            .starts_with("private, max-age=1"),
+        "ttl 2m applied"
+    );
+    assert_eq!(
+        access_lines(&rx),
+        0,
+        "log.level warn applied: no access line"
+    );
+    sigterm(&child);
+    assert_eq!(wait_exit(&mut child), 0);
+}

@@ -83,9 +83,8 @@ pub struct Gateway {
     /// The client listener's TLS (`server.tls_cert`/`tls_key`): swapped by a reload, read by
     /// each new handshake.
     tls: ArcSwapOption<tokio_rustls::TlsAcceptor>,
-    /// Where the config was read from (`None`: `config/gateway.toml` if present, else the
-    /// defaults), what was read, and when: a reload reads the same source again.
-    source: Option<PathBuf>,
+    /// Where the config came from, what was read, and when: a reload reads the same source.
+    source: Source,
     loaded: ArcSwap<Loaded>,
     /// One reload at a time (SIGHUP and the admin route may race).
     reloading: tokio::sync::Mutex<()>,
@@ -97,6 +96,14 @@ pub struct Gateway {
 /// Applies a new `log.level` filter.
 pub type LogLevelHook = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
+/// Where a gateway's config came from.
+enum Source {
+    /// Handed over in memory (the demo's embedded config, tests): nothing to read again.
+    Given,
+    /// Read from this file (`None`: `config/gateway.toml` if present, else the defaults).
+    Read(Option<PathBuf>),
+}
+
 /// The config in force: what was read, and when.
 struct Loaded {
     at: SystemTime,
@@ -106,20 +113,15 @@ struct Loaded {
 impl Gateway {
     /// Builds the gateway over the real HTTP transport.
     pub fn new(cfg: Config) -> anyhow::Result<Arc<Self>> {
-        let transport = HttpTransport::new(
-            &cfg.upstream.base_url,
-            cfg.upstream.ca_file.as_deref(),
-            cfg.upstream.connect_timeout.0,
-            cfg.upstream.max_response_bytes.as_usize(),
-        )?;
-        Self::with_transport(cfg, Arc::new(transport))
+        let transport = http_transport(&cfg)?;
+        Self::with_transport(cfg, transport)
     }
 
     /// Builds the gateway over any transport (unit tests use an in-memory one). Fails when no
     /// token key can be drawn from the system's random generator, or when the guard file cannot
     /// be opened or another process holds it.
     pub fn with_transport(cfg: Config, transport: Arc<dyn Transport>) -> anyhow::Result<Arc<Self>> {
-        Self::build(cfg, transport, None, LoadMeta::default())
+        Self::build(cfg, transport, Source::Given, LoadMeta::default())
     }
 
     /// Reads the config from `path` (or, with `None`, `config/gateway.toml` if present, else
@@ -127,13 +129,8 @@ impl Gateway {
     /// source again.
     pub fn from_source(path: Option<PathBuf>) -> anyhow::Result<Arc<Self>> {
         let (cfg, meta) = crate::config::load_with_meta(path.as_deref())?;
-        let transport = HttpTransport::new(
-            &cfg.upstream.base_url,
-            cfg.upstream.ca_file.as_deref(),
-            cfg.upstream.connect_timeout.0,
-            cfg.upstream.max_response_bytes.as_usize(),
-        )?;
-        Self::build(cfg, Arc::new(transport), path, meta)
+        let transport = http_transport(&cfg)?;
+        Self::build(cfg, transport, Source::Read(path), meta)
     }
 
     /// [`Gateway::from_source`] over any transport (tests run the simulator in-process).
@@ -142,13 +139,13 @@ impl Gateway {
         transport: Arc<dyn Transport>,
     ) -> anyhow::Result<Arc<Self>> {
         let (cfg, meta) = crate::config::load_with_meta(Some(&path))?;
-        Self::build(cfg, transport, Some(path), meta)
+        Self::build(cfg, transport, Source::Read(Some(path)), meta)
     }
 
     fn build(
         cfg: Config,
         transport: Arc<dyn Transport>,
-        source: Option<PathBuf>,
+        source: Source,
         meta: LoadMeta,
     ) -> anyhow::Result<Arc<Self>> {
         let tls = server_tls(&cfg)?;
@@ -393,6 +390,16 @@ impl Drop for Running {
     fn drop(&mut self) {
         self.gateway.shutdown.trigger();
     }
+}
+
+/// The pooled rustls client to `upstream.base_url`.
+fn http_transport(cfg: &Config) -> anyhow::Result<Arc<dyn Transport>> {
+    Ok(Arc::new(HttpTransport::new(
+        &cfg.upstream.base_url,
+        cfg.upstream.ca_file.as_deref(),
+        cfg.upstream.connect_timeout.0,
+        cfg.upstream.max_response_bytes.as_usize(),
+    )?))
 }
 
 /// The client listener's TLS acceptor from `server.tls_cert`/`tls_key`, when both are set.

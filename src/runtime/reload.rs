@@ -5,7 +5,7 @@
 //! then the parts built from config at start-up take their new values. Requests in flight keep
 //! the config snapshot they loaded; connections stay open; the cache is never emptied.
 
-use super::{server_tls, Gateway, Loaded};
+use super::{server_tls, Gateway, Loaded, Source};
 use crate::admin::Reloader;
 use serde::Serialize;
 use std::future::Future;
@@ -66,7 +66,17 @@ impl Gateway {
     }
 
     fn try_reload(&self) -> ReloadReport {
-        let (next, meta) = match crate::config::load_with_meta(self.source.as_deref()) {
+        let path = match &self.source {
+            Source::Read(path) => path.as_deref(),
+            Source::Given => {
+                return ReloadReport::rejected(
+                    "this gateway was started from a config in memory (the demo's embedded \
+                     config): there is no file to read again"
+                        .into(),
+                )
+            }
+        };
+        let (next, meta) = match crate::config::load_with_meta(path) {
             Ok(loaded) => loaded,
             Err(e) => return ReloadReport::rejected(e.to_string()),
         };

@@ -463,3 +463,17 @@ async fn the_right_password_file_reloaded_logs_in_once() {
     assert_eq!(sim.rejected_logins(), 2);
     assert_eq!(sim.lock_events(), 0, "the account never locked");
 }
+
+/// A gateway started from a config in memory (the demo's embedded one) has no file to re-read:
+/// its reload is rejected with that reason, and nothing changes.
+#[tokio::test]
+async fn a_gateway_without_a_file_rejects_reloads() {
+    let sim = start_sim(sim_opts()).await;
+    let gw = start_gateway(config(&sim.base_url(), "")).await;
+    wait_ready(&gw).await;
+    let r = reload(&gw).await;
+    assert_eq!(r["outcome"], "rejected", "{r}");
+    assert!(r["error"].as_str().unwrap().contains("no file"), "{r}");
+    let status = get(&format!("{}/status", gw.admin_url())).await.json();
+    assert_eq!(status["config"]["sha256"], serde_json::Value::Null);
+}

@@ -4,7 +4,7 @@
 //! login test counts the simulator's rejected logins and checks the user never locked.
 
 use crate::common::*;
-use http::{Method, StatusCode};
+use http::StatusCode;
 use std::time::Duration;
 use thingspace_gateway::clients::sha256_hex;
 use thingspace_gateway::config::Config;
@@ -24,21 +24,6 @@ fn clients_toml(key: &str, clients: &[(&str, &str, &[&str])]) -> String {
         ));
     }
     t
-}
-
-async fn token(base: &str, id: &str, secret: &str) -> String {
-    let r = request(
-        Method::POST,
-        &format!("{base}/api/ts/v1/oauth2/token"),
-        &[
-            ("authorization", &basic(id, secret)),
-            ("content-type", "application/x-www-form-urlencoded"),
-        ],
-        b"grant_type=client_credentials",
-    )
-    .await;
-    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
-    r.json()["access_token"].as_str().unwrap().to_string()
 }
 
 async fn status_with(url: &str, authorization: &str) -> StatusCode {
@@ -76,9 +61,9 @@ async fn clients_added_removed_rekeyed_and_their_accounts_apply_at_once() {
     ));
     api.apply_clients(&two.clients).unwrap();
     assert_eq!(status_with(&page(a1), &ops_basic).await, StatusCode::OK);
-    let ops_bearer = format!("Bearer {}", token(&base, "ops", "s2").await);
+    let ops_bearer = format!("Bearer {}", gateway_token(&base, "ops", "s2").await);
     assert_eq!(status_with(&page(a1), &ops_bearer).await, StatusCode::OK);
-    let billing_bearer = format!("Bearer {}", token(&base, "billing", "s1").await);
+    let billing_bearer = format!("Bearer {}", gateway_token(&base, "billing", "s1").await);
 
     // Accounts changed: 403 ↔ 200, for Basic and for a token issued before the change.
     assert_eq!(
@@ -130,7 +115,7 @@ async fn clients_added_removed_rekeyed_and_their_accounts_apply_at_once() {
     );
 
     // A new signing key: tokens signed with the old one are refused; new ones work.
-    let fresh = format!("Bearer {}", token(&base, "billing", "s1-new").await);
+    let fresh = format!("Bearer {}", gateway_token(&base, "billing", "s1-new").await);
     assert_eq!(status_with(&page(a1), &fresh).await, StatusCode::OK);
     let new_key = cfg_of(clients_toml(KEY2, &[("billing", "s1-new", &[a1])]));
     api.apply_clients(&new_key.clients).unwrap();
@@ -138,7 +123,7 @@ async fn clients_added_removed_rekeyed_and_their_accounts_apply_at_once() {
         status_with(&page(a1), &fresh).await,
         StatusCode::UNAUTHORIZED
     );
-    let fresh = format!("Bearer {}", token(&base, "billing", "s1-new").await);
+    let fresh = format!("Bearer {}", gateway_token(&base, "billing", "s1-new").await);
     assert_eq!(status_with(&page(a1), &fresh).await, StatusCode::OK);
 
     // Mode "none" (loopback listener): everyone in.

@@ -288,3 +288,24 @@ pub fn basic(id: &str, secret: &str) -> String {
         base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"))
     )
 }
+
+/// A gateway token for a registered client (ThingSpace's token request with Basic credentials),
+/// after checking the answer has ThingSpace's shape.
+pub async fn gateway_token(base: &str, id: &str, secret: &str) -> String {
+    let r = request(
+        Method::POST,
+        &format!("{base}/api/ts/v1/oauth2/token"),
+        &[
+            ("authorization", &basic(id, secret)),
+            ("content-type", "application/x-www-form-urlencoded"),
+        ],
+        b"grant_type=client_credentials",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let body = r.json();
+    assert_eq!(body["token_type"], "Bearer");
+    assert!(body["expires_in"].as_u64().unwrap() > 0);
+    assert!(body["scope"].is_string());
+    body["access_token"].as_str().unwrap().to_string()
+}

@@ -63,21 +63,6 @@ async fn page_as(gw: &Running, sim: &Simulator, auth: &str) -> Resp {
     .await
 }
 
-async fn gateway_token(gw: &Running, id: &str, secret: &str) -> String {
-    let r = request(
-        Method::POST,
-        &format!("{}/api/ts/v1/oauth2/token", gw.base_url()),
-        &[
-            ("authorization", &basic(id, secret)),
-            ("content-type", "application/x-www-form-urlencoded"),
-        ],
-        b"grant_type=client_credentials",
-    )
-    .await;
-    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
-    format!("Bearer {}", r.json()["access_token"].as_str().unwrap())
-}
-
 #[tokio::test]
 async fn clients_added_removed_and_their_accounts_changed() {
     let sim = start_sim(sim_opts()).await;
@@ -101,7 +86,10 @@ async fn clients_added_removed_and_their_accounts_changed() {
     assert_eq!(r["outcome"], "applied", "{r}");
     assert_eq!(r["refused_keys"], serde_json::json!([]));
     assert_eq!(page_as(&gw, &sim, &billing).await.status, StatusCode::OK);
-    let bearer = gateway_token(&gw, "billing", "billing-secret-012345").await;
+    let bearer = format!(
+        "Bearer {}",
+        gateway_token(&gw.base_url(), "billing", "billing-secret-012345").await
+    );
     assert_eq!(page_as(&gw, &sim, &bearer).await.status, StatusCode::OK);
 
     // Its accounts changed: 403, and back.

@@ -56,25 +56,6 @@ fn assert_no_rejected_login(sim: &Simulator) {
     );
 }
 
-async fn gateway_token(base: &str, id: &str, secret: &str) -> String {
-    let r = request(
-        Method::POST,
-        &format!("{base}/api/ts/v1/oauth2/token"),
-        &[
-            ("authorization", &basic(id, secret)),
-            ("content-type", "application/x-www-form-urlencoded"),
-        ],
-        b"grant_type=client_credentials",
-    )
-    .await;
-    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
-    let body = r.json();
-    assert_eq!(body["token_type"], "Bearer");
-    assert!(body["expires_in"].as_u64().unwrap() > 0);
-    assert!(body["scope"].is_string());
-    body["access_token"].as_str().unwrap().to_string()
-}
-
 /// Sends raw bytes (for request targets no HTTP client would send) and returns the status and body.
 async fn raw(addr: std::net::SocketAddr, request: &[u8]) -> (u16, String) {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();

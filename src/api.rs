@@ -128,10 +128,7 @@ impl State {
         route: Route,
         ctx: &mut Ctx,
     ) -> Result<(Response<Body>, Option<CacheResult>), GatewayError> {
-        check_header_limits(
-            req.headers(),
-            self.settings.load().server.max_header_bytes.as_usize(),
-        )?;
+        check_header_limits(req.headers(), ctx.cfg.server.max_header_bytes.as_usize())?;
         let authorization = req
             .headers()
             .get(header::AUTHORIZATION)
@@ -263,15 +260,17 @@ impl ClientApi {
     pub async fn serve<B: ClientBody>(&self, req: Request<B>) -> Response<Body> {
         let g = &self.0;
         let started = Instant::now();
+        let cfg = g.settings.current();
         let mut ctx = Ctx {
             request_id: request_id(req.headers()),
             started,
-            deadline: started + g.settings.load().server.request_timeout.0,
+            deadline: started + cfg.server.request_timeout.0,
             head: req.method() == Method::HEAD,
             accept_gzip: accepts_gzip(req.headers()),
             if_none_match: req.headers().get(header::IF_NONE_MATCH).cloned(),
             attempts: AtomicU32::new(0),
             who: Principal::Anonymous,
+            cfg,
         };
         let method = req.method().clone();
         let routed = route(req.method(), req.uri().path());
@@ -287,9 +286,7 @@ impl ClientApi {
                 Err(GatewayError::MethodNotAllowed { allow })
             }
             Err(RouteError::InvalidParameter(m)) => Err(GatewayError::InvalidParameter(m)),
-            Ok(_) if in_flight >= g.settings.load().server.max_inflight => {
-                Err(GatewayError::Overloaded)
-            }
+            Ok(_) if in_flight >= ctx.cfg.server.max_inflight => Err(GatewayError::Overloaded),
             Ok(route) => {
                 match tokio::time::timeout_at(ctx.deadline, g.inner(req, route, &mut ctx)).await {
                     Ok(r) => r,

@@ -47,10 +47,10 @@ async fn walk(g: &Arc<Reader>, account: &str, ctx: &Ctx) -> Result<Walked, Gatew
     let mut index = 0u64;
     let account: Arc<str> = account.into();
     loop {
-        if pages.len() >= g.config().upstream.max_walk_pages {
+        if pages.len() >= ctx.cfg.upstream.max_walk_pages {
             return Err(GatewayError::BadGateway(format!(
                 "account has more than upstream.max_walk_pages = {} pages",
-                g.config().upstream.max_walk_pages
+                ctx.cfg.upstream.max_walk_pages
             )));
         }
         let key = Key {
@@ -95,9 +95,9 @@ fn combined_etag(pages: &[Arc<Entry>]) -> HeaderValue {
 
 /// A document assembled from the walked pages: as old as its oldest page, fresh for as long as
 /// its least fresh page (with the current windows).
-fn document(w: &Walk, g: &Reader, etag: HeaderValue, body: Body, gzip: Option<Bytes>) -> View {
+fn document(w: &Walk, ctx: &Ctx, etag: HeaderValue, body: Body, gzip: Option<Bytes>) -> View {
     let now = clock::now();
-    let windows = g.windows();
+    let windows = ctx.windows();
     View {
         status: StatusCode::OK,
         content_type: crate::respond::JSON,
@@ -120,8 +120,8 @@ fn document(w: &Walk, g: &Reader, etag: HeaderValue, body: Body, gzip: Option<By
 }
 
 /// A refused page, passed through as the cache answers it.
-fn refused(g: &Reader, e: &Entry, r: CacheResult, ctx: &Ctx) -> Response<Body> {
-    entry_response(e, r, ctx, clock::now(), &g.windows())
+fn refused(e: &Entry, r: CacheResult, ctx: &Ctx) -> Response<Body> {
+    entry_response(e, r, ctx, clock::now(), &ctx.windows())
 }
 
 /// `GET /gateway/v1/accounts/{account}/licenses`
@@ -132,7 +132,7 @@ pub async fn account_licenses(
 ) -> Result<(Response<Body>, CacheResult), GatewayError> {
     let w = match walk(g, account, ctx).await? {
         Walked::Pages(w) => w,
-        Walked::Refused(e, r) => return Ok((refused(g, &e, r, ctx), r)),
+        Walked::Refused(e, r) => return Ok((refused(&e, r, ctx), r)),
     };
     let pages_with_devices = || w.indexes.iter().filter(|p| p.device_count > 0);
     let count: usize = pages_with_devices().map(|p| p.device_count).sum();
@@ -158,7 +158,7 @@ pub async fn account_licenses(
     } else {
         None
     };
-    let view = document(&w, g, etag, Body::from_chunks(all), gzip);
+    let view = document(&w, ctx, etag, Body::from_chunks(all), gzip);
     Ok((answer::respond(view, w.result, ctx), w.result))
 }
 
@@ -171,7 +171,7 @@ pub async fn device_license(
 ) -> Result<(Response<Body>, CacheResult), GatewayError> {
     let w = match walk(g, account, ctx).await? {
         Walked::Pages(w) => w,
-        Walked::Refused(e, r) => return Ok((refused(g, &e, r, ctx), r)),
+        Walked::Refused(e, r) => return Ok((refused(&e, r, ctx), r)),
     };
     let mut found: Option<serde_json::Value> = None;
     for page in &w.indexes {
@@ -197,6 +197,6 @@ pub async fn device_license(
         HeaderValue::from_str(&format!("{b}-{device_id}\"")).unwrap_or(base)
     };
     // Small: never worth compressing.
-    let view = document(&w, g, etag, Body::new(Bytes::from(body)), None);
+    let view = document(&w, ctx, etag, Body::new(Bytes::from(body)), None);
     Ok((answer::respond(view, w.result, ctx), w.result))
 }

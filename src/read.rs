@@ -66,6 +66,17 @@ pub struct Ctx {
     pub attempts: AtomicU32,
     /// Who asked (anonymous until authenticated): waits for upstream budget take turns by client.
     pub who: Principal,
+    /// The config this request runs on, loaded once as it arrived: a reload in the middle of the
+    /// request changes nothing for it (SPEC §11).
+    pub cfg: Arc<Config>,
+}
+
+impl Ctx {
+    /// The freshness windows of the request's config: read at every lookup, never stored with an
+    /// entry, so a change of `ttl` applies to entries already cached.
+    pub fn windows(&self) -> Windows {
+        Windows::from_config(&self.cfg.cache)
+    }
 }
 
 /// Everything a read needs: the cache, and the upstream with its tokens behind it.
@@ -107,15 +118,9 @@ impl Reader {
         &self.metrics
     }
 
-    /// The freshness windows of the current config: read at every lookup, never stored with an
-    /// entry, so a change of `ttl` applies to entries already cached.
-    pub fn windows(&self) -> Windows {
-        Windows::from_config(&self.config().cache)
-    }
-
     /// The answer for one cached entry, its age measured from when the request arrived.
     pub fn respond(&self, e: &Entry, result: CacheResult, ctx: &Ctx) -> Response<Body> {
-        entry_response(e, result, ctx, clock::at(ctx.started), &self.windows())
+        entry_response(e, result, ctx, clock::at(ctx.started), &ctx.windows())
     }
 }
 
@@ -213,7 +218,7 @@ impl Reader {
     ) -> Result<(Arc<Entry>, CacheResult), GatewayError> {
         // The request's start stands for "now": freshness measured from when the client asked.
         let now = clock::at(ctx.started);
-        let windows = self.windows();
+        let windows = ctx.windows();
         let existing = self.cache.get(&key).await;
         if let Some(e) = &existing {
             match e.freshness(now, &windows) {
@@ -237,7 +242,7 @@ impl Reader {
             key.clone(),
             ctx.who.clone(),
             ctx.request_id.clone(),
-            ctx.started + self.config().server.request_timeout.0,
+            ctx.started + ctx.cfg.server.request_timeout.0,
             attempts.clone(),
         );
         let (result, join) = self.cache.fetch(key, ctx.deadline, fetch).await;

@@ -177,6 +177,7 @@ mod tests {
             if_none_match: None,
             attempts: AtomicU32::new(0),
             who: crate::clients::Principal::Anonymous,
+            cfg: Default::default(),
         }
     }
 

@@ -19,6 +19,7 @@ LAYERS = [
     ("cache", ["cache"]),
     ("credentials", ["credentials", "clients"]),
     ("upstream", ["upstream"]),
+    ("fleet", ["fleet"]),
     ("config and observe", ["config", "observe"]),
     ("basics", ["error", "respond", "secret", "params", "util"]),
 ]

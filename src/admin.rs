@@ -5,6 +5,7 @@ use crate::cache::PageCache;
 use crate::config::Settings;
 use crate::credentials::TokenManager;
 use crate::error::GatewayError;
+use crate::fleet::{Redis, RedisStatus};
 use crate::observe::Metrics;
 use crate::respond::Handler;
 use crate::respond::{json_value, text, Body};
@@ -31,6 +32,7 @@ pub struct View {
     pub upstream: Arc<Upstream>,
     pub tokens: Arc<TokenManager>,
     pub cache: Arc<PageCache>,
+    pub redis: Option<Arc<Redis>>,
     pub api: ClientApi,
     pub shutdown: Shutdown,
     pub started: std::time::Instant,
@@ -181,6 +183,7 @@ impl AdminApi {
                     "inflight": g.metrics.upstream_inflight.get(),
                 },
                 "clients": {"inflight": g.api.inflight()},
+                "redis": g.redis.as_ref().map_or_else(RedisStatus::off, |r| r.status()),
                 "config": self.reloader().map(|r| r.config_status()),
             }),
         )

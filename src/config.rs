@@ -51,6 +51,7 @@ pub struct Config {
     pub cache: CacheConfig,
     pub clients: ClientsConfig,
     pub log: LogConfig,
+    pub redis: RedisConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -250,6 +251,47 @@ fn default_client_burst() -> u32 {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// Fleet mode (SPEC §10): off while `url` is empty. Every key needs a restart.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis://[user:pass@]host:port/db` or `rediss://…`: may carry a password, so a secret.
+    pub url: Secret,
+    #[serde(with = "opt_path")]
+    pub url_file: Option<PathBuf>,
+    /// Fleets sharing one Redis use different prefixes.
+    pub key_prefix: String,
+    pub connect_timeout: Dur,
+    /// One round trip on a request's path; slower counts as a Redis failure.
+    pub command_timeout: Dur,
+    /// The most replicas of this fleet: each takes `1/max_replicas` of the budget while Redis is
+    /// down.
+    pub max_replicas: u32,
+    /// Answers larger than this stay in the replica's own cache only.
+    pub l2_max_entry_bytes: ByteSize,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: Secret::default(),
+            url_file: None,
+            key_prefix: "tsgw:".into(),
+            connect_timeout: Dur::secs(1),
+            command_timeout: Dur(Duration::from_millis(50)),
+            max_replicas: 4,
+            l2_max_entry_bytes: ByteSize(1 << 20),
+        }
+    }
+}
+
+impl RedisConfig {
+    /// True when a Redis is configured: the process is one replica of a fleet.
+    pub fn enabled(&self) -> bool {
+        !self.url.is_empty()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -626,10 +668,12 @@ impl Config {
         }
         // The login counts must outlive the process (SPEC §5); only a loopback upstream (a
         // simulator, which forgets its own lock on restart) may do without.
-        if c.guard_file.is_none() && !url.host().is_some_and(loopback_host) {
+        if c.guard_file.is_none() && !url.host().is_some_and(loopback_host) && !self.redis.enabled()
+        {
             return Err(err(
-                "credentials.guard_file: must be set unless upstream.base_url is a loopback \
-                 address (the login counts must outlive the process)",
+                "credentials.guard_file: must be set unless redis.url is set or \
+                 upstream.base_url is a loopback address (the login counts must outlive the \
+                 process)",
             ));
         }
         positive("credentials.session_idle_timeout", c.session_idle_timeout)?;
@@ -684,7 +728,46 @@ impl Config {
             }
             rate(&key, client.rate_per_second, client.burst)?;
         }
+        self.validate_redis()?;
         self.refuse_placeholders()?;
+        Ok(())
+    }
+
+    /// Fleet mode's preconditions (SPEC §10).
+    fn validate_redis(&self) -> Result<(), ConfigError> {
+        let r = &self.redis;
+        if r.key_prefix.is_empty() || r.key_prefix.len() > 64 {
+            return Err(err("redis.key_prefix: 1 to 64 characters"));
+        }
+        positive("redis.connect_timeout", r.connect_timeout)?;
+        positive("redis.command_timeout", r.command_timeout)?;
+        if !(1..=64).contains(&r.max_replicas) {
+            return Err(err("redis.max_replicas: must be 1 to 64"));
+        }
+        if !r.enabled() {
+            return Ok(());
+        }
+        let scheme = r.url.expose().split_once("://").map(|(s, _)| s);
+        if !matches!(scheme, Some("redis" | "rediss"))
+            || redis::Client::open(r.url.expose()).is_err()
+        {
+            return Err(err(
+                "redis.url: not a Redis URL (redis://[user:pass@]host:port/db or rediss://…)",
+            ));
+        }
+        if self.clients.token_signing_key.is_empty() {
+            return Err(err(
+                "clients.token_signing_key: required with redis.url (every replica must accept \
+                 every replica's gateway tokens, and the shared tokens are sealed under it)",
+            ));
+        }
+        let replicas = r.max_replicas;
+        if self.upstream.burst < replicas || self.upstream.max_concurrent < replicas as usize {
+            return Err(err(
+                "upstream.burst: upstream.burst and upstream.max_concurrent must be at least \
+                 redis.max_replicas (each replica gets 1/max_replicas of them while Redis is down)",
+            ));
+        }
         Ok(())
     }
 

@@ -16,6 +16,8 @@
 //!   [`clients`]: client authentication (Basic, gateway tokens), account access, client rates.
 //! - [`upstream`]: cooldown → circuit → budget → attempt → classification → retry, the pooled
 //!   rustls transport behind a small trait.
+//! - [`fleet`]: fleet mode's link to Redis (timeouts, down/probe/rejoin, sealing); the shared
+//!   versions of the seams above use it.
 //! - [`config`]: the TOML schema, environment, validation. [`observe`]: Prometheus metrics.
 //! - [`error`], [`respond`], [`secret`], [`params`], [`util`]: gateway errors and their
 //!   responses, shared-`Bytes` bodies, masked secrets, parameter rules, small helpers.
@@ -31,6 +33,7 @@ pub mod config;
 pub mod credentials;
 pub mod documents;
 pub mod error;
+pub mod fleet;
 pub mod observe;
 pub mod params;
 pub mod read;

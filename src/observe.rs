@@ -144,6 +144,21 @@ pub struct Metrics {
     pub lookup_coalesced: IntCounter,
     http_ok: Vec<IntCounter>,
     http_hist: Vec<Histogram>,
+    // Fleet mode (SPEC §10).
+    pub lookup_l2_hit: IntCounter,
+    pub redis_up: IntGauge,
+    redis_ok: IntCounter,
+    redis_error: IntCounter,
+    redis_timeout: IntCounter,
+    redis_duration: Histogram,
+}
+
+/// How one Redis command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisOutcome {
+    Ok,
+    Error,
+    Timeout,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -293,7 +308,36 @@ impl Metrics {
             .iter()
             .map(|route| http_duration.with_label_values(&[route.as_str()]))
             .collect();
+        let redis_commands = counters(
+            &r,
+            "redis_commands_total",
+            "Redis commands (fleet mode) by outcome (ok, error, timeout).",
+            &["outcome"],
+        );
+        let redis_duration = register(
+            &r,
+            Histogram::with_opts(
+                HistogramOpts::from(opts(
+                    "redis_command_duration_seconds",
+                    "Redis command round trips (fleet mode).",
+                ))
+                .buckets(vec![
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                    0.5, 1.0,
+                ]),
+            ),
+        );
         Metrics {
+            lookup_l2_hit: cache_lookups.with_label_values(&["l2_hit"]),
+            redis_up: gauge(
+                &r,
+                "redis_up",
+                "1 while Redis answers, 0 while this replica treats it as failed (or none is configured).",
+            ),
+            redis_ok: redis_commands.with_label_values(&["ok"]),
+            redis_error: redis_commands.with_label_values(&["error"]),
+            redis_timeout: redis_commands.with_label_values(&["timeout"]),
+            redis_duration,
             lookup_hit: cache_lookups.with_label_values(&["hit"]),
             lookup_miss: cache_lookups.with_label_values(&["miss"]),
             lookup_stale: cache_lookups.with_label_values(&["stale"]),
@@ -378,6 +422,16 @@ impl Metrics {
                 .inc();
         }
         self.http_hist[i].observe(seconds);
+    }
+
+    /// One Redis command that took `seconds`.
+    pub fn redis_command(&self, outcome: RedisOutcome, seconds: f64) {
+        match outcome {
+            RedisOutcome::Ok => self.redis_ok.inc(),
+            RedisOutcome::Error => self.redis_error.inc(),
+            RedisOutcome::Timeout => self.redis_timeout.inc(),
+        }
+        self.redis_duration.observe(seconds);
     }
 
     /// A lookup that fetched: the leader counts a miss, joiners count as coalesced.

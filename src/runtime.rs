@@ -11,6 +11,7 @@ use crate::cache::{MokaStore, PageCache, Windows};
 use crate::clients::Clients;
 use crate::config::{Config, LoadMeta, Settings};
 use crate::credentials::{TokenManager, TokenSettings, UpstreamCredentials};
+use crate::fleet::Redis;
 use crate::observe::Metrics;
 use crate::read::Reader;
 use crate::upstream::budget::LocalBudget;
@@ -76,6 +77,8 @@ pub struct Gateway {
     upstream: Arc<Upstream>,
     tokens: Arc<TokenManager>,
     cache: Arc<PageCache>,
+    /// Fleet mode's link (`redis.url` set), connected by [`Running::start_with`].
+    redis: Option<Arc<Redis>>,
     api: ClientApi,
     admin: AdminApi,
     /// Fired on SIGTERM/SIGINT: listeners stop accepting and drain.
@@ -150,6 +153,10 @@ impl Gateway {
     ) -> anyhow::Result<Arc<Self>> {
         let tls = server_tls(&cfg)?;
         let metrics = Metrics::new();
+        let redis = match cfg.redis.enabled() {
+            true => Some(Redis::new(&cfg.redis, metrics.clone())?),
+            false => None,
+        };
         let u = &cfg.upstream;
         let upstream = Arc::new(Upstream::new(
             transport,
@@ -211,6 +218,7 @@ impl Gateway {
             upstream: upstream.clone(),
             tokens: tokens.clone(),
             cache: cache.clone(),
+            redis: redis.clone(),
             api: api.clone(),
             shutdown: shutdown.clone(),
             started: std::time::Instant::now(),
@@ -222,6 +230,7 @@ impl Gateway {
             upstream,
             tokens,
             cache,
+            redis,
             api,
             admin,
             shutdown,
@@ -264,6 +273,11 @@ impl Gateway {
 
     pub fn cache(&self) -> &Arc<PageCache> {
         &self.cache
+    }
+
+    /// Fleet mode's link to Redis, when `redis.url` is set.
+    pub fn redis(&self) -> Option<&Arc<Redis>> {
+        self.redis.as_ref()
     }
 
     pub fn client_api(&self) -> ClientApi {
@@ -333,6 +347,11 @@ impl Running {
         let addr = listener.local_addr()?;
         let admin_addr = admin.local_addr()?;
         let shutdown = gateway.shutdown.clone();
+        // Fleet mode: one connect attempt (bounded by redis.connect_timeout) before the first
+        // token call, so replicas starting together find each other's tokens and leases.
+        if let Some(redis) = &gateway.redis {
+            redis.start(shutdown.clone()).await;
+        }
         let client_opts = {
             let g = gateway.clone();
             move || g.serve_options(true)

@@ -73,6 +73,7 @@ pub(super) fn resolve_credentials(
         credentials: c,
         clients,
         server,
+        redis,
         ..
     } = cfg;
     if let Some(v) = env_get(env, "THINGSPACE_CLIENT_ID") {
@@ -96,6 +97,12 @@ pub(super) fn resolve_credentials(
     }
     if let Some(v) = env_get(env, "THINGSPACE_GATEWAY_ADMIN_TOKEN") {
         server.admin_token = Secret::new(v);
+    }
+    // THINGSPACE_GATEWAY_REDIS__URL arrived as an override of `redis.url` already.
+    if env_get(env, "THINGSPACE_GATEWAY_REDIS__URL").is_none() {
+        if let Some(path) = &redis.url_file {
+            redis.url = read_secret_file("redis.url_file", path)?;
+        }
     }
     Ok(())
 }

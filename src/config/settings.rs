@@ -11,7 +11,7 @@ use arc_swap::{ArcSwap, Guard};
 use std::sync::Arc;
 
 /// Dotted names of the keys a running gateway cannot change (SPEC §11's refused list).
-pub const RESTART_KEYS: [&str; 8] = [
+pub const RESTART_KEYS: [&str; 15] = [
     "server.listen",
     "server.admin_listen",
     "server.max_connections",
@@ -20,6 +20,13 @@ pub const RESTART_KEYS: [&str; 8] = [
     "credentials.guard_file",
     "cache.max_bytes",
     "log.format",
+    "redis.url",
+    "redis.url_file",
+    "redis.key_prefix",
+    "redis.connect_timeout",
+    "redis.command_timeout",
+    "redis.max_replicas",
+    "redis.l2_max_entry_bytes",
 ];
 
 pub struct Settings {
@@ -82,6 +89,13 @@ fn pin_restart_keys(next: &mut Config, running: &Config) -> Vec<&'static str> {
     pin!("credentials.guard_file", credentials.guard_file);
     pin!("cache.max_bytes", cache.max_bytes);
     pin!("log.format", log.format);
+    pin!("redis.url", redis.url);
+    pin!("redis.url_file", redis.url_file);
+    pin!("redis.key_prefix", redis.key_prefix);
+    pin!("redis.connect_timeout", redis.connect_timeout);
+    pin!("redis.command_timeout", redis.command_timeout);
+    pin!("redis.max_replicas", redis.max_replicas);
+    pin!("redis.l2_max_entry_bytes", redis.l2_max_entry_bytes);
     debug_assert!(refused.iter().all(|k| RESTART_KEYS.contains(k)));
     refused
 }

@@ -78,6 +78,9 @@ struct SimArgs {
     /// Serve HTTPS with a generated certificate, written here as PEM.
     #[arg(long)]
     tls_cert_out: Option<PathBuf>,
+    /// Another name the certificate is valid for (repeatable), e.g. the host name clients use.
+    #[arg(long = "tls-name", value_name = "NAME")]
+    tls_names: Vec<String>,
 }
 
 /// `hash-secret` refuses shorter client secrets (SPEC §2): the SHA-256 in the config is
@@ -308,6 +311,7 @@ async fn sim(a: Box<SimArgs>) -> anyhow::Result<()> {
         burst: a.burst,
         latency: a.latency,
         tls_cert_out: a.tls_cert_out,
+        tls_names: a.tls_names,
     };
     let sim = Simulator::start(opts).await?;
     println!("thingspace simulator listening on {}", sim.base_url());

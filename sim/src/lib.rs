@@ -58,6 +58,9 @@ pub struct SimOptions {
     pub burst: Option<u32>,
     pub latency: Duration,
     pub tls_cert_out: Option<PathBuf>,
+    /// Names the generated certificate is valid for besides `localhost` and `127.0.0.1` (a
+    /// host name the gateway reaches it by, e.g. a compose service name).
+    pub tls_names: Vec<String>,
 }
 
 impl Default for SimOptions {
@@ -78,6 +81,7 @@ impl Default for SimOptions {
             burst: None,
             latency: Duration::ZERO,
             tls_cert_out: None,
+            tls_names: Vec::new(),
         }
     }
 }
@@ -165,7 +169,7 @@ impl Simulator {
             .map(|(i, a)| (a.name.clone(), i))
             .collect();
         let tls = match &opts.tls_cert_out {
-            Some(path) => Some(self_signed_acceptor(path)?),
+            Some(path) => Some(self_signed_acceptor(path, &opts.tls_names)?),
             None => None,
         };
         let listener = tokio::net::TcpListener::bind(opts.listen).await?;
@@ -280,13 +284,17 @@ impl Drop for Simulator {
     }
 }
 
-/// A certificate for `localhost` and `127.0.0.1`, its PEM written to `path`. The ring provider is
-/// named here rather than installed process-wide, so the simulator leaves the host's rustls set-up
-/// alone.
-fn self_signed_acceptor(path: &Path) -> std::io::Result<tokio_rustls::TlsAcceptor> {
-    let cert =
-        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-            .map_err(|e| std::io::Error::other(format!("simulator certificate: {e}")))?;
+/// A certificate for `localhost`, `127.0.0.1` and `names`, its PEM written to `path`. The ring
+/// provider is named here rather than installed process-wide, so the simulator leaves the host's
+/// rustls set-up alone.
+fn self_signed_acceptor(
+    path: &Path,
+    names: &[String],
+) -> std::io::Result<tokio_rustls::TlsAcceptor> {
+    let mut sans = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    sans.extend(names.iter().cloned());
+    let cert = rcgen::generate_simple_self_signed(sans)
+        .map_err(|e| std::io::Error::other(format!("simulator certificate: {e}")))?;
     std::fs::write(path, cert.cert.pem())?;
     let key = rustls::pki_types::PrivateKeyDer::try_from(cert.signing_key.serialize_der())
         .map_err(|e| std::io::Error::other(format!("simulator key: {e}")))?;

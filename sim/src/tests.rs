@@ -140,3 +140,32 @@ fn durations_in_humantime_syntax() {
     assert!(control::parse_duration("5 parsecs").is_err());
     assert!(control::parse_duration("").is_err());
 }
+
+#[tokio::test]
+async fn generated_certificate_names_the_extra_hosts() {
+    let dir = std::env::temp_dir().join(format!("tsgw-sim-names-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pem = dir.join("sim.pem");
+    let sim = Simulator::start(SimOptions {
+        listen: ([127, 0, 0, 1], 0).into(),
+        tls_cert_out: Some(pem.clone()),
+        tls_names: vec!["sim.fleet.test".into()],
+        ..SimOptions::default()
+    })
+    .await
+    .expect("simulator starts");
+    assert!(sim.base_url().starts_with("https://"));
+    let text = std::fs::read_to_string(&pem).unwrap();
+    let b64: String = text.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap();
+    // A dNSName SAN is the name's bytes as they are (IA5String).
+    for name in ["sim.fleet.test", "localhost"] {
+        assert!(
+            der.windows(name.len()).any(|w| w == name.as_bytes()),
+            "{name} in the certificate"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

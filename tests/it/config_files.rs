@@ -90,7 +90,7 @@ fn temp_config(name: &str, text: &str) -> std::path::PathBuf {
 /// deploy it (through the environment): `check-config` refuses it, naming the key.
 #[test]
 fn check_config_refuses_the_example_token_key_and_short_keys() {
-    let example = read("deploy/kubernetes/secret.example.yaml");
+    let example = read("deploy/kubernetes/single/secret.example.yaml");
     let placeholder = example
         .lines()
         .find_map(|l| l.trim().strip_prefix("token-key:"))

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""Checks the deploy kit against a live gateway: promtool on a real scrape and on the alert rules,
-every metric the dashboard and the alerts query exists in that scrape, the manifests parse, and
-the ConfigMap's gateway.toml passes check-config. Usage: check.py PATH_TO_BINARY"""
+"""Checks the deploy kit against a live gateway: promtool on a real scrape and on the alert rules
+(and their unit tests), every metric the dashboard and the alerts query exists in that scrape, the
+manifests parse, the ConfigMaps' gateway.toml pass check-config, both Kubernetes variants render
+(kubectl kustomize) with what single-process and fleet mode need, and the fleet's Compose file and
+Redis settings hold (statically: no Docker here). Usage: check.py PATH_TO_BINARY"""
 import json, os, re, shutil, ssl, subprocess, sys, tempfile, time, tomllib, urllib.parse, urllib.request
 
 import yaml
@@ -325,6 +327,10 @@ check(published and all(p.startswith("127.0.0.1:") for p in published)
       and len({p.split(":")[1] for p in published}) == len(published),
       f"compose: ports published on the host's loopback only, each once ({len(published)})")
 shutil.rmtree(cert_dir, ignore_errors=True)
+
+# The fleet demo script parses (it runs in a few seconds with `--check`, against fleet code).
+r = run("bash", "-n", os.path.join(HERE, "fleet-demo.sh"))
+check(r.returncode == 0, "fleet-demo.sh parses (bash -n) " + r.stderr.strip())
 
 # Alert rules and scrape config.
 r = run("promtool", "check", "rules", os.path.join(HERE, "prometheus", "alerts.yml"))

@@ -787,6 +787,7 @@ impl Config {
             ("server.admin_token", &self.server.admin_token),
             ("credentials.client_secret", &c.client_secret),
             ("credentials.password", &c.password),
+            ("redis.url", &self.redis.url),
         ] {
             if is_placeholder(secret.expose()) {
                 return Err(err(format!(

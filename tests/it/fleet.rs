@@ -137,6 +137,19 @@ fn fleet_config_is_checked_and_the_url_masked() {
     )
     .unwrap_err();
     assert!(e.0.starts_with("redis.url:"), "{e}");
+    // The deploy kit's placeholder password is refused, not run degraded.
+    let e = config::from_toml_with_env(
+        &crate::common::config_text(
+            "http://127.0.0.1:1",
+            &format!("{key}[redis]\nurl = \"redis://:REPLACE-ME-redis-password@redis:6379/0\"\n"),
+        ),
+        &[],
+    )
+    .unwrap_err();
+    assert_eq!(
+        e.0,
+        "redis.url: still the example's placeholder; set the real value"
+    );
     // The environment and url_file set it too; the environment wins.
     let dir = std::env::temp_dir().join(format!("tsgw-redis-url-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

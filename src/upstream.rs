@@ -2,10 +2,12 @@
 //! one attempt (timed, metered) → classification → retry with full-jitter backoff.
 //!
 //! The cooldown and the circuit sit behind [`protection::Protection`], the budget behind
-//! [`budget::Budget`]: the seams a fleet's shared versions implement.
+//! [`budget::Budget`]: the seams a fleet's shared versions implement ([`fleet`]: one budget
+//! script per attempt that also reports, and enforces, the fleet's cooldown and circuit).
 
 pub mod budget;
 pub mod circuit;
+pub mod fleet;
 pub mod protection;
 pub mod routes;
 pub mod tls;

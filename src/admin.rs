@@ -180,6 +180,7 @@ impl AdminApi {
                     "circuit": g.upstream.circuit_state().label(),
                     "cooldown_until": g.upstream.cooldown_until().map(wall),
                     "budget_available": g.upstream.budget_available(),
+                    "budget": g.upstream.budget_params(),
                     "inflight": g.metrics.upstream_inflight.get(),
                 },
                 "clients": {"inflight": g.api.inflight()},

@@ -14,8 +14,6 @@ use crate::credentials::{TokenManager, TokenSettings, UpstreamCredentials};
 use crate::fleet::Redis;
 use crate::observe::Metrics;
 use crate::read::Reader;
-use crate::upstream::budget::LocalBudget;
-use crate::upstream::protection::LocalProtection;
 use crate::upstream::transport::{HttpTransport, Transport};
 use crate::upstream::{Upstream, UpstreamSettings};
 use crate::util::Shutdown;
@@ -158,17 +156,12 @@ impl Gateway {
             false => None,
         };
         let u = &cfg.upstream;
+        // Fleet mode: one budget, cooldown and circuit for every replica (through Redis).
+        let (budget, protection) = crate::upstream::fleet::budget_and_protection(u, redis.as_ref());
         let upstream = Arc::new(Upstream::new(
             transport,
-            Arc::new(LocalBudget::new(
-                u.rate_per_second,
-                u.burst,
-                u.max_concurrent,
-            )),
-            Arc::new(LocalProtection::new(
-                u.circuit_failures,
-                u.circuit_open_for.0,
-            )),
+            budget,
+            protection,
             metrics.clone(),
             UpstreamSettings {
                 timeout: u.timeout.0,

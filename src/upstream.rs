@@ -2,10 +2,12 @@
 //! one attempt (timed, metered) → classification → retry with full-jitter backoff.
 //!
 //! The cooldown and the circuit sit behind [`protection::Protection`], the budget behind
-//! [`budget::Budget`]: the seams a fleet's shared versions implement.
+//! [`budget::Budget`]: the seams a fleet's shared versions implement ([`fleet`]: one budget
+//! script per attempt that also reports, and enforces, the fleet's cooldown and circuit).
 
 pub mod budget;
 pub mod circuit;
+pub mod fleet;
 pub mod protection;
 pub mod routes;
 pub mod tls;
@@ -14,7 +16,7 @@ pub mod transport;
 use crate::config::UpstreamConfig;
 use crate::error::{GatewayError, Throttle};
 use crate::observe::{Endpoint, Metrics};
-use crate::upstream::budget::Budget;
+use crate::upstream::budget::{Budget, BudgetParams, Denied};
 use crate::upstream::circuit::{Admission, CircuitState, Outcome};
 use crate::upstream::protection::{ProbeGuard, Protection, Refusal};
 use crate::upstream::transport::{OutRequest, RawResponse, Transport, TransportError};
@@ -123,6 +125,29 @@ enum Verdict {
     Retry(GatewayError),
 }
 
+/// What one attempt's result means: for the circuit, for the caller, and (a 429) the cooldown
+/// to start.
+struct Classified {
+    outcome: Outcome,
+    verdict: Verdict,
+    cooldown: Option<Duration>,
+}
+
+fn refused(refusal: Refusal) -> GatewayError {
+    match refusal {
+        Refusal::Cooldown(left) => GatewayError::UpstreamUnavailable {
+            reason: Throttle::Upstream429,
+            retry_after: left.min(MAX_COOLDOWN),
+            message: "upstream is throttling; retry later",
+        },
+        Refusal::CircuitOpen(retry_after) => GatewayError::UpstreamUnavailable {
+            reason: Throttle::CircuitOpen,
+            retry_after,
+            message: "upstream circuit is open after repeated failures; retry later",
+        },
+    }
+}
+
 impl Upstream {
     pub fn new(
         transport: Arc<dyn Transport>,
@@ -148,6 +173,7 @@ impl Upstream {
     pub fn apply(&self, u: &UpstreamConfig) {
         self.budget
             .reconfigure(u.rate_per_second, u.burst, u.max_concurrent);
+        self.budget.set_call_timeout(u.timeout.0);
         self.protection
             .reconfigure(u.circuit_failures, u.circuit_open_for.0);
         self.transport
@@ -179,8 +205,13 @@ impl Upstream {
         self.budget.available()
     }
 
-    fn start_cooldown(&self, d: Duration) {
-        self.protection.start_cooldown(d);
+    /// The budget's numbers in force (in fleet mode, the fleet's).
+    pub fn budget_params(&self) -> BudgetParams {
+        self.budget.params()
+    }
+
+    async fn start_cooldown(&self, d: Duration) {
+        self.protection.start_cooldown(d).await;
         tracing::warn!(
             cooldown_secs = d.as_secs(),
             "upstream answered 429: no upstream call until the cooldown ends"
@@ -214,33 +245,31 @@ impl Upstream {
         let settings = self.settings.load_full();
         let mut attempt = 0u32;
         loop {
-            let admission = self.protection.admit().map_err(|refusal| match refusal {
-                Refusal::Cooldown(left) => GatewayError::UpstreamUnavailable {
-                    reason: Throttle::Upstream429,
-                    retry_after: left.min(MAX_COOLDOWN),
-                    message: "upstream is throttling; retry later",
-                },
-                Refusal::CircuitOpen(retry_after) => GatewayError::UpstreamUnavailable {
-                    reason: Throttle::CircuitOpen,
-                    retry_after,
-                    message: "upstream circuit is open after repeated failures; retry later",
-                },
-            })?;
+            let admission = self.protection.admit().map_err(refused)?;
             // Gives a half-open probe back if this attempt panics or is dropped mid-flight.
             let _probe = ProbeGuard::new(&*self.protection, admission);
             let budget_deadline = deadline.min(Instant::now() + settings.max_queue_wait);
-            let Some(_permit) = self.budget.acquire(client, budget_deadline).await else {
-                // Not an attempt: give the probe back without an outcome.
-                self.record_circuit(admission, Outcome::Neutral);
-                return Err(GatewayError::UpstreamUnavailable {
-                    reason: Throttle::Budget,
-                    retry_after: Duration::from_secs(1),
-                    message: "upstream request budget exhausted; retry later",
-                });
+            let permit = match self.budget.acquire(client, budget_deadline).await {
+                Ok(permit) => permit,
+                Err(denied) => {
+                    // Not an attempt: give the probe back without an outcome.
+                    self.record_circuit(admission, Outcome::Neutral).await;
+                    return Err(match denied {
+                        Denied::Refused(refusal) => refused(refusal),
+                        Denied::Exhausted => GatewayError::UpstreamUnavailable {
+                            reason: Throttle::Budget,
+                            retry_after: Duration::from_secs(1),
+                            message: "upstream request budget exhausted; retry later",
+                        },
+                    });
+                }
             };
+            // A fleet's budget script runs the fleet's circuit: its grant says whether this
+            // attempt is the fleet's one probe (a fleet probe is given back by the permit).
+            let admission = permit.admission().unwrap_or(admission);
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
-                self.record_circuit(admission, Outcome::Neutral);
+                self.record_circuit(admission, Outcome::Neutral).await;
                 return Err(GatewayError::UpstreamTimeout);
             }
             let started = Instant::now();
@@ -258,8 +287,17 @@ impl Upstream {
             };
             self.metrics
                 .record_upstream(endpoint, &status_label, started.elapsed().as_secs_f64());
-            let verdict = self.classify(endpoint, admission, idempotent, result);
-            drop(_permit);
+            let Classified {
+                outcome,
+                verdict,
+                cooldown,
+            } = classify(endpoint, idempotent, result);
+            self.record_circuit(admission, outcome).await;
+            if let Some(d) = cooldown {
+                // Stored (in fleet mode: in Redis) before the caller answers its client.
+                self.start_cooldown(d).await;
+            }
+            drop(permit);
             let err = match verdict {
                 Verdict::Done(r) => return r,
                 Verdict::Retry(e) => e,
@@ -277,8 +315,8 @@ impl Upstream {
         }
     }
 
-    fn record_circuit(&self, admission: Admission, outcome: Outcome) {
-        if let Some(open) = self.protection.record(admission, outcome) {
+    async fn record_circuit(&self, admission: Admission, outcome: Outcome) {
+        if let Some(open) = self.protection.record(admission, outcome).await {
             self.metrics.circuit_open.set(i64::from(open));
             if open {
                 tracing::error!("upstream circuit opened after repeated failures");
@@ -287,75 +325,78 @@ impl Upstream {
             }
         }
     }
+}
 
-    fn classify(
-        &self,
-        endpoint: Endpoint,
-        admission: Admission,
-        idempotent: bool,
-        result: Result<RawResponse, TransportError>,
-    ) -> Verdict {
-        let fail = |outcome_err: GatewayError, retryable: bool| {
-            self.record_circuit(admission, Outcome::Failure);
-            if retryable {
-                Verdict::Retry(outcome_err)
-            } else {
-                Verdict::Done(Err(outcome_err))
-            }
-        };
-        match result {
-            Ok(resp) if resp.status == StatusCode::TOO_MANY_REQUESTS => {
-                self.record_circuit(admission, Outcome::Neutral);
-                let d = parse_retry_after(&resp.headers);
-                self.start_cooldown(d);
-                Verdict::Done(Err(GatewayError::UpstreamUnavailable {
+/// What an attempt's result means; the caller records it and starts the cooldown.
+fn classify(
+    endpoint: Endpoint,
+    idempotent: bool,
+    result: Result<RawResponse, TransportError>,
+) -> Classified {
+    let fail = |err: GatewayError, retryable: bool| Classified {
+        outcome: Outcome::Failure,
+        verdict: if retryable {
+            Verdict::Retry(err)
+        } else {
+            Verdict::Done(Err(err))
+        },
+        cooldown: None,
+    };
+    match result {
+        Ok(resp) if resp.status == StatusCode::TOO_MANY_REQUESTS => {
+            let d = parse_retry_after(&resp.headers);
+            Classified {
+                outcome: Outcome::Neutral,
+                verdict: Verdict::Done(Err(GatewayError::UpstreamUnavailable {
                     reason: Throttle::Upstream429,
                     retry_after: d,
                     message: "upstream is throttling; retry later",
-                }))
+                })),
+                cooldown: Some(d),
             }
-            Ok(resp) if resp.status.is_server_error() => {
-                let retryable = idempotent
-                    && matches!(
-                        resp.status,
-                        StatusCode::BAD_GATEWAY
-                            | StatusCode::SERVICE_UNAVAILABLE
-                            | StatusCode::GATEWAY_TIMEOUT
-                    );
-                fail(server_error(resp.status), retryable)
-            }
-            Ok(resp) if resp.status == StatusCode::OK && !is_json_object(&resp.body) => {
-                tracing::warn!(
-                    endpoint = endpoint.label(),
-                    bytes = resp.body.len(),
-                    "upstream 200 body is not a JSON object"
+        }
+        Ok(resp) if resp.status.is_server_error() => {
+            let retryable = idempotent
+                && matches!(
+                    resp.status,
+                    StatusCode::BAD_GATEWAY
+                        | StatusCode::SERVICE_UNAVAILABLE
+                        | StatusCode::GATEWAY_TIMEOUT
                 );
-                fail(
-                    GatewayError::BadGateway(
-                        "upstream answered a body that is not a JSON object".into(),
-                    ),
-                    false,
-                )
-            }
-            Ok(resp) => {
-                self.record_circuit(admission, Outcome::Success);
-                Verdict::Done(Ok(resp))
-            }
-            Err(TransportError::Connect(e)) => {
-                tracing::warn!(endpoint = endpoint.label(), error = %e, "upstream connect failed");
-                fail(GatewayError::BadGateway(CONNECT_FAILED.into()), true)
-            }
-            Err(TransportError::Closed(e)) => {
-                tracing::warn!(endpoint = endpoint.label(), error = %e, "upstream connection failed");
-                fail(
-                    GatewayError::BadGateway("upstream closed the connection".into()),
-                    idempotent,
-                )
-            }
-            Err(TransportError::Timeout) => fail(GatewayError::UpstreamTimeout, idempotent),
-            Err(e @ (TransportError::TooLarge | TransportError::Truncated(_))) => {
-                fail(GatewayError::BadGateway(e.to_string()), false)
-            }
+            fail(server_error(resp.status), retryable)
+        }
+        Ok(resp) if resp.status == StatusCode::OK && !is_json_object(&resp.body) => {
+            tracing::warn!(
+                endpoint = endpoint.label(),
+                bytes = resp.body.len(),
+                "upstream 200 body is not a JSON object"
+            );
+            fail(
+                GatewayError::BadGateway(
+                    "upstream answered a body that is not a JSON object".into(),
+                ),
+                false,
+            )
+        }
+        Ok(resp) => Classified {
+            outcome: Outcome::Success,
+            verdict: Verdict::Done(Ok(resp)),
+            cooldown: None,
+        },
+        Err(TransportError::Connect(e)) => {
+            tracing::warn!(endpoint = endpoint.label(), error = %e, "upstream connect failed");
+            fail(GatewayError::BadGateway(CONNECT_FAILED.into()), true)
+        }
+        Err(TransportError::Closed(e)) => {
+            tracing::warn!(endpoint = endpoint.label(), error = %e, "upstream connection failed");
+            fail(
+                GatewayError::BadGateway("upstream closed the connection".into()),
+                idempotent,
+            )
+        }
+        Err(TransportError::Timeout) => fail(GatewayError::UpstreamTimeout, idempotent),
+        Err(e @ (TransportError::TooLarge | TransportError::Truncated(_))) => {
+            fail(GatewayError::BadGateway(e.to_string()), false)
         }
     }
 }

@@ -1,10 +1,13 @@
 //! The upstream budget: one token bucket (`rate_per_second`, `burst`) and `max_concurrent` slots
 //! shared by every upstream call, token calls included.
 //!
-//! [`Budget`] is the seam for a shared (Redis-backed) budget across replicas; [`LocalBudget`] is
-//! the in-process default. Waiters are served fairly (SPEC §5): round robin by client, FIFO
-//! within one client, so one client's flood of cold keys cannot starve the others.
+//! [`Budget`] is the seam for a shared (Redis-backed) budget across replicas
+//! ([`super::fleet`]); [`LocalBudget`] is the in-process default. Waiters are served fairly
+//! (SPEC §5): round robin by client, FIFO within one client, so one client's flood of cold keys
+//! cannot starve the others.
 
+use crate::upstream::circuit::Admission;
+use crate::upstream::protection::Refusal;
 use crate::util::bucket::TokenBucket;
 use parking_lot::{Mutex, MutexGuard};
 use std::collections::{HashMap, VecDeque};
@@ -12,34 +15,78 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// Held for the duration of one upstream attempt; dropping it gives the concurrency slot back.
 /// Opaque: each budget puts in it whatever it must release.
 pub struct BudgetPermit {
+    /// What the budget decided about the attempt's admission, when it decides it: a fleet's
+    /// budget script also runs the fleet's circuit and grants its one half-open probe.
+    admission: Option<Admission>,
     _held: Box<dyn Send + Sync>,
 }
 
 impl BudgetPermit {
     pub fn new(held: impl Send + Sync + 'static) -> Self {
         Self {
+            admission: None,
             _held: Box::new(held),
         }
     }
+
+    /// A permit whose grant also decided the attempt's admission (ordinary, or the probe).
+    pub fn with_admission(admission: Admission, held: impl Send + Sync + 'static) -> Self {
+        Self {
+            admission: Some(admission),
+            _held: Box::new(held),
+        }
+    }
+
+    /// The admission the grant decided, overriding the protection's (`None`: it did not).
+    pub fn admission(&self) -> Option<Admission> {
+        self.admission
+    }
 }
 
-pub type BudgetFuture<'a> = Pin<Box<dyn Future<Output = Option<BudgetPermit>> + Send + 'a>>;
+/// Why no permit was granted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denied {
+    /// No token or slot by the deadline.
+    Exhausted,
+    /// The upstream is closed to every call now (a fleet's shared cooldown or circuit, learned
+    /// in the same round trip that would have taken the budget).
+    Refused(Refusal),
+}
+
+pub type BudgetFuture<'a> = Pin<Box<dyn Future<Output = Result<BudgetPermit, Denied>> + Send + 'a>>;
+
+/// The budget's numbers in force, for `/status`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct BudgetParams {
+    pub rate_per_second: f64,
+    pub burst: u32,
+    pub max_concurrent: usize,
+    /// `process` (no fleet), `fleet` (shared through Redis: the numbers of the replica that
+    /// last applied its config), `replica_share` (fleet mode with Redis down: this replica's
+    /// `1/max_replicas`).
+    pub scope: &'static str,
+}
 
 pub trait Budget: Send + Sync + 'static {
     /// A slot and a rate token for `client` (a principal id; "" for anonymous clients and the
-    /// gateway's own work), or `None` if they cannot be had by `deadline`.
+    /// gateway's own work), or why not by `deadline`.
     fn acquire<'a>(&'a self, client: &'a str, deadline: Instant) -> BudgetFuture<'a>;
     /// Tokens left in the bucket now.
     fn available(&self) -> f64;
     /// New `rate_per_second`, `burst` and `max_concurrent` (a reload, SPEC §11): permits held
     /// stay valid; waiters are served under the new numbers.
     fn reconfigure(&self, rate_per_second: f64, burst: u32, max_concurrent: usize);
+    /// The longest one attempt may take (`upstream.timeout`): how long a shared budget's slot
+    /// outlives a replica that died holding it.
+    fn set_call_timeout(&self, _timeout: Duration) {}
+    fn params(&self) -> BudgetParams;
 }
 
 /// One waiter. Granting happens under the state lock: the slot and the token are taken for the
@@ -52,6 +99,8 @@ struct Ticket {
 
 struct State {
     bucket: TokenBucket,
+    /// `rate_per_second`, `burst` and `max_concurrent` as configured (for `/status`).
+    configured: (f64, u32, usize),
     /// `max_concurrent`; may drop below `in_use` after a reload, then no slot is granted until
     /// enough are released.
     max_slots: usize,
@@ -200,17 +249,17 @@ struct Waiting<'a> {
 }
 
 impl Waiting<'_> {
-    async fn granted(mut self, deadline: Instant) -> Option<BudgetPermit> {
+    async fn granted(mut self, deadline: Instant) -> Result<BudgetPermit, Denied> {
         loop {
             let now = Instant::now();
             let wake_at = {
                 let s = self.shared.lock_dispatched(now);
                 if self.ticket.granted.load(Ordering::Relaxed) {
                     self.collected = true;
-                    return Some(BudgetPermit::new(Slot(self.shared.clone())));
+                    return Ok(BudgetPermit::new(Slot(self.shared.clone())));
                 }
                 if now >= deadline {
-                    return None;
+                    return Err(Denied::Exhausted);
                 }
                 // Next in line: wake when the next token is due (a freed slot notifies).
                 (s.timekeeper == Some(self.ticket.id) && s.bucket.tokens() < 1.0)
@@ -246,12 +295,34 @@ impl Drop for Waiting<'_> {
 
 impl LocalBudget {
     /// Any numbers are safe here (config validation bounds them): a rate that is not a positive
-    /// number grants nothing beyond the burst.
+    /// number grants nothing beyond the burst. The bucket starts full.
     pub fn new(rate_per_second: f64, burst: u32, max_concurrent: usize) -> Self {
+        let bucket = TokenBucket::new(rate_per_second, f64::from(burst), Instant::now());
+        Self::with_bucket(bucket, rate_per_second, burst, max_concurrent)
+    }
+
+    /// [`LocalBudget::new`] with an empty bucket: the first token is due one `1/rate` from
+    /// now (a fleet replica's share while Redis is down, SPEC §10, so that replicas losing
+    /// Redis together add no burst of their own).
+    pub fn empty(rate_per_second: f64, burst: u32, max_concurrent: usize) -> Self {
+        let now = Instant::now();
+        let mut bucket = TokenBucket::new(rate_per_second, 0.0, now);
+        // A raised burst is not filled at once: the rate fills it.
+        bucket.reconfigure(rate_per_second, f64::from(burst), now);
+        Self::with_bucket(bucket, rate_per_second, burst, max_concurrent)
+    }
+
+    fn with_bucket(
+        bucket: TokenBucket,
+        rate_per_second: f64,
+        burst: u32,
+        max_concurrent: usize,
+    ) -> Self {
         Self {
             shared: Arc::new(Shared {
                 state: Mutex::new(State {
-                    bucket: TokenBucket::new(rate_per_second, f64::from(burst), Instant::now()),
+                    bucket,
+                    configured: (rate_per_second, burst, max_concurrent),
                     max_slots: max_concurrent,
                     in_use: 0,
                     queues: HashMap::new(),
@@ -264,6 +335,21 @@ impl LocalBudget {
     }
 }
 
+impl LocalBudget {
+    /// Nobody holds a slot or waits for one.
+    pub fn idle(&self) -> bool {
+        let s = self.shared.lock();
+        s.in_use == 0 && s.turns.is_empty()
+    }
+
+    /// The grants that come before a new waiter of `client` (see `grants_ahead`), plus the
+    /// slots held now.
+    pub fn ahead_of(&self, client: &str) -> usize {
+        let s = self.shared.lock();
+        s.in_use + s.grants_ahead(client)
+    }
+}
+
 impl Budget for LocalBudget {
     fn acquire<'a>(&'a self, client: &'a str, deadline: Instant) -> BudgetFuture<'a> {
         Box::pin(async move {
@@ -272,13 +358,13 @@ impl Budget for LocalBudget {
                 let mut s = self.shared.lock_dispatched(now);
                 if s.turns.is_empty() && s.in_use < s.max_slots && s.bucket.take() {
                     s.in_use += 1;
-                    return Some(BudgetPermit::new(Slot(self.shared.clone())));
+                    return Ok(BudgetPermit::new(Slot(self.shared.clone())));
                 }
                 // Refuse at once what cannot be had in time even if nobody else arrives.
                 let needed = (s.grants_ahead(client) + 1) as f64;
                 match s.bucket.time_for(needed).and_then(|w| now.checked_add(w)) {
                     Some(at) if at <= deadline => {}
-                    _ => return None,
+                    _ => return Err(Denied::Exhausted),
                 }
                 let ticket = s.enqueue(client);
                 s.dispatch();
@@ -305,11 +391,22 @@ impl Budget for LocalBudget {
         let mut s = self.shared.lock();
         s.bucket
             .reconfigure(rate_per_second, f64::from(burst), Instant::now());
+        s.configured = (rate_per_second, burst, max_concurrent);
         s.max_slots = max_concurrent;
         // More slots or tokens may serve waiters now; the timekeeper re-reads the rate.
         s.dispatch();
         if let Some(t) = s.head() {
             t.wake.notify_one();
+        }
+    }
+
+    fn params(&self) -> BudgetParams {
+        let (rate_per_second, burst, max_concurrent) = self.shared.lock().configured;
+        BudgetParams {
+            rate_per_second,
+            burst,
+            max_concurrent,
+            scope: "process",
         }
     }
 }
@@ -328,19 +425,34 @@ mod tests {
         let mut permits = Vec::new();
         for _ in 0..200 {
             match b.acquire("", deadline).await {
-                Some(p) => {
+                Ok(p) => {
                     granted += 1;
                     permits.push(p);
                     if permits.len() > 50 {
                         permits.clear();
                     }
                 }
-                None => break,
+                Err(_) => break,
             }
         }
         // 20 at once, then 10 per second for 5 s.
         assert_eq!(granted, 70);
         assert!(Instant::now() <= deadline);
+    }
+
+    /// A fleet replica's share while Redis is down starts with nothing: the first token is due
+    /// one `1/rate` later, and the burst refills at the rate.
+    #[tokio::test(start_paused = true)]
+    async fn an_empty_budget_starts_with_no_token() {
+        let b = LocalBudget::empty(2.0, 3, 10);
+        assert_eq!(b.available(), 0.0);
+        let start = Instant::now();
+        let far = start + Duration::from_secs(60);
+        assert!(b.acquire("", far).await.is_ok());
+        assert_eq!(Instant::now() - start, Duration::from_millis(500));
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(b.available(), 3.0);
+        assert_eq!(b.params().burst, 3);
     }
 
     #[tokio::test(start_paused = true)]
@@ -349,11 +461,11 @@ mod tests {
         for rate in [1e-20, 0.0, -1.0, f64::NAN, f64::MIN_POSITIVE] {
             let b = LocalBudget::new(rate, 1, 4);
             assert!(
-                b.acquire("", deadline()).await.is_some(),
+                b.acquire("", deadline()).await.is_ok(),
                 "the burst, at {rate}"
             );
             assert!(
-                b.acquire("", deadline()).await.is_none(),
+                b.acquire("", deadline()).await.is_err(),
                 "nothing more, at {rate}"
             );
             tokio::time::advance(Duration::from_secs(3600)).await;
@@ -362,7 +474,7 @@ mod tests {
         for rate in [1e12, 1e300, f64::MAX, f64::INFINITY] {
             let b = LocalBudget::new(rate, 1_000_000, usize::MAX);
             for _ in 0..3 {
-                assert!(b.acquire("", deadline()).await.is_some(), "at {rate}");
+                assert!(b.acquire("", deadline()).await.is_ok(), "at {rate}");
             }
             tokio::time::advance(Duration::from_millis(1)).await;
             assert_eq!(b.available(), 1_000_000.0);
@@ -375,13 +487,13 @@ mod tests {
         let deadline = Instant::now() + Duration::from_millis(100);
         let p1 = b.acquire("", deadline).await;
         let p2 = b.acquire("", deadline).await;
-        assert!(p1.is_some() && p2.is_some());
-        assert!(b.acquire("", deadline).await.is_none());
+        assert!(p1.is_ok() && p2.is_ok());
+        assert!(b.acquire("", deadline).await.is_err());
         drop(p1);
         assert!(b
             .acquire("", Instant::now() + Duration::from_millis(100))
             .await
-            .is_some());
+            .is_ok());
     }
 
     /// Spawns one waiter that holds its permit until the end of the test and reports when it
@@ -394,7 +506,7 @@ mod tests {
     ) -> tokio::task::JoinHandle<Option<Instant>> {
         let (b, held) = (b.clone(), held.clone());
         tokio::spawn(async move {
-            let p = b.acquire(client, deadline).await?;
+            let p = b.acquire(client, deadline).await.ok()?;
             held.lock().push(p);
             Some(Instant::now())
         })
@@ -413,7 +525,7 @@ mod tests {
         let p2 = b.acquire("", far).await.unwrap();
         b.reconfigure(1000.0, 1000, 1);
         drop(p1);
-        assert!(b.acquire("", soon()).await.is_none(), "2 held, 1 slot");
+        assert!(b.acquire("", soon()).await.is_err(), "2 held, 1 slot");
         drop(p2);
         let p3 = b.acquire("", soon()).await.unwrap();
         let w = waiter(&b, "x", far, &held);
@@ -427,7 +539,7 @@ mod tests {
         // Burst 1000 down to 1: one token left; a rate of one per hour, then raised.
         b.reconfigure(1.0 / 3600.0, 1, 10);
         assert_eq!(b.available(), 1.0);
-        assert!(b.acquire("", soon()).await.is_some());
+        assert!(b.acquire("", soon()).await.is_ok());
         let w = waiter(&b, "x", far, &held);
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert!(!w.is_finished());
@@ -508,7 +620,7 @@ mod tests {
         let slot = b
             .acquire("a", Instant::now() + Duration::from_secs(1))
             .await;
-        assert!(slot.is_some());
+        assert!(slot.is_ok());
         let quitter = waiter(&b, "b", Instant::now() + Duration::from_millis(50), &held);
         let patient = waiter(&b, "c", Instant::now() + Duration::from_secs(30), &held);
         assert_eq!(quitter.await.unwrap(), None, "no slot by its deadline");
@@ -539,13 +651,13 @@ mod tests {
         let before = Instant::now();
         // 20 ahead of it at 10 per second: not within one second.
         let late = b.acquire("x", before + Duration::from_secs(1)).await;
-        assert!(late.is_none());
+        assert!(late.is_err());
         assert_eq!(Instant::now(), before, "refused without waiting");
         // Another client is only behind one round.
         assert!(b
             .acquire("y", before + Duration::from_secs(1))
             .await
-            .is_some());
+            .is_ok());
         drop(queued);
     }
 
@@ -554,11 +666,11 @@ mod tests {
         let b = Arc::new(LocalBudget::new(10.0, 1, 1000));
         let far = Instant::now() + Duration::from_secs(30);
         let first = b.acquire("a", far).await;
-        assert!(first.is_some());
+        assert!(first.is_ok());
         let cancelled = tokio::time::timeout(Duration::from_millis(10), b.acquire("a", far)).await;
         assert!(cancelled.is_err());
         assert_eq!(b.shared.lock().queues.len(), 0);
         assert_eq!(b.shared.lock().turns.len(), 0);
-        assert!(b.acquire("b", far).await.is_some());
+        assert!(b.acquire("b", far).await.is_ok());
     }
 }

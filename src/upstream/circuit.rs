@@ -149,6 +149,33 @@ impl Circuit {
         (was_open != is_open).then_some(is_open)
     }
 
+    /// Time left while open (not half-open), `None` otherwise.
+    pub fn open_remaining(&self) -> Option<Duration> {
+        let until = self.state.lock().open_until?;
+        let now = Instant::now();
+        (until > now).then(|| until - now)
+    }
+
+    /// Failed attempts in a row, as counted here.
+    pub fn failures(&self) -> u32 {
+        self.state.lock().failures
+    }
+
+    /// Takes the state another store decided (a fleet's circuit in Redis): `failures` in a row,
+    /// and `open_left` — `None` closed, `Some(ZERO)` half-open, `Some(d)` open for `d` more.
+    /// Returns `Some(open)` when that changed the circuit between open and closed.
+    pub fn mirror(&self, failures: u32, open_left: Option<Duration>) -> Option<bool> {
+        let mut s = self.state.lock();
+        let was_open = s.open_until.is_some();
+        s.failures = failures;
+        s.open_until = open_left.map(|d| {
+            let now = Instant::now();
+            now.checked_add(d).unwrap_or(now)
+        });
+        let is_open = s.open_until.is_some();
+        (was_open != is_open).then_some(is_open)
+    }
+
     pub fn state(&self) -> CircuitState {
         let s = self.state.lock();
         match s.open_until {

@@ -50,6 +50,8 @@ async fn a_replica_follows_redis_down_and_back_without_a_restart() {
     let sim = start_sim(sim_opts()).await;
     let mut redis = RedisServer::start().await;
     let gw = start_gateway(fleet_config(&sim.base_url(), &redis, "")).await;
+    // Tokens held before Redis dies (in fleet mode no session login is made while it is down).
+    wait_ready(&gw).await;
     let admin = gw.admin_url();
     let status = get(&format!("{admin}/status")).await.json();
     assert_eq!(

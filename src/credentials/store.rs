@@ -40,6 +40,14 @@ pub struct Record {
     /// tells a restart with changed credentials from one with the same.
     #[serde(default)]
     pub fingerprint: String,
+    /// Fleet mode: the epoch (Redis's time, ms, of the last accepted login or reset) these
+    /// numbers belong to; 0 in a single process.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub epoch: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 pub type SaveFuture<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;

@@ -1,0 +1,731 @@
+//! Fleet mode's tokens and lockout guard (SPEC §10): what the replicas of one fleet share in
+//! Redis, and the Redis side of it. The token manager's fleet flows (`fleet/flow.rs`) use it.
+//!
+//! - **Tokens** at `tok:{oauth|session}:{id}` (a hash: `v` the fence, `s` the token sealed with
+//!   [`Sealer`] under the Redis key as associated data), expiring with the token (the session:
+//!   its idle expiry, pushed later by use on any replica). One replica at a time obtains a token,
+//!   under the lease `lease:{oauth|session}:{id}` (`SET NX PX`, a random owner, released by
+//!   compare-and-delete, renewed while the call runs, living at most `upstream.timeout` + 1 s
+//!   past its last renewal); its write is fenced (a lower fence never overwrites a higher one).
+//! - **Guard** at `guard:{oauth|session}:{id}`: see `fleet/scripts.rs`. Every replica
+//!   remembers the numbers it last saw per guard ([`Numbers`], by epoch) and sends them with
+//!   every script call; it pushes them every [`SYNC_EVERY`] and when it rejoins.
+//!
+//! `{id}` is a truncated SHA-256 of the ThingSpace username (or OAuth client id): no name in
+//! key names.
+
+mod flow;
+mod scripts;
+
+pub(crate) use flow::{unavailable, Event, EventKind};
+
+use super::UpstreamCredentials;
+use crate::fleet::seal::Sealer;
+use crate::fleet::{Redis, RedisError};
+use crate::observe::TokenLabel;
+use crate::secret::Secret;
+use parking_lot::Mutex;
+use ring::rand::{SecureRandom, SystemRandom};
+use scripts::*;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::time::Instant;
+
+/// How often a replica pushes its remembered numbers and reads the fleet's (so `/status` shows
+/// the fleet's count, a reset elsewhere lifts the stop here, and a Redis that lost the guard
+/// gets it back).
+pub(crate) const SYNC_EVERY: Duration = Duration::from_millis(500);
+/// A guard hash created just now (a fresh Redis, or one that lost its data) grants no login for
+/// this long, so the live replicas push what they remember first.
+pub(crate) const FRESH_GRACE: Duration = Duration::from_millis(1500);
+/// How often a replica waiting for another's token call looks for its result.
+pub(crate) const POLL_EVERY: Duration = Duration::from_millis(50);
+/// While Redis is unreachable a replica renews the OAuth token itself at most this often.
+pub(crate) const LOCAL_OAUTH_EVERY: Duration = Duration::from_secs(60);
+
+/// A guard script's verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Code {
+    /// The lease is ours (and, for logins, the attempt charged): make the call.
+    Granted,
+    /// Another replica holds the lease: wait for its result.
+    Busy,
+    /// The guard was just created: wait for the live replicas to restore the count.
+    Wait,
+    Paused,
+    Stopped,
+    /// The fleet is backing off after transient failures.
+    Backoff,
+    /// Synced, settled or reset.
+    Done,
+}
+
+/// SPEC §5's numbers for one guard, as Redis and the replicas hold them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Numbers {
+    /// Redis's time (ms) of the last accepted login or reset; 0 before any.
+    pub(crate) epoch: u64,
+    pub(crate) rejected: u32,
+    pub(crate) attempts: u32,
+    /// Redis's clock, ms since the Unix epoch; 0: none.
+    pub(crate) paused_until_ms: u64,
+    pub(crate) stopped: bool,
+    pub(crate) locked: bool,
+}
+
+impl Numbers {
+    fn args(&self) -> [u64; 6] {
+        [
+            self.epoch,
+            u64::from(self.rejected),
+            u64::from(self.attempts),
+            self.paused_until_ms,
+            u64::from(self.stopped),
+            u64::from(self.locked),
+        ]
+    }
+
+    /// The scripts' merge: a later epoch wins whole; within one, each number's maximum.
+    pub(crate) fn merge(self, other: Numbers) -> Numbers {
+        if other.epoch > self.epoch {
+            return other;
+        }
+        if other.epoch < self.epoch {
+            return self;
+        }
+        Numbers {
+            epoch: self.epoch,
+            rejected: self.rejected.max(other.rejected),
+            attempts: self.attempts.max(other.attempts),
+            paused_until_ms: self.paused_until_ms.max(other.paused_until_ms),
+            stopped: self.stopped || other.stopped,
+            locked: self.locked || other.locked,
+        }
+    }
+}
+
+/// A guard script's reply.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Verdict {
+    pub(crate) code: Code,
+    pub(crate) numbers: Numbers,
+    /// Redis's clock at the call, ms.
+    pub(crate) now_ms: u64,
+    /// Granted: the fence; Busy/Wait/Paused/Backoff: ms to wait; settled: the backoff step.
+    pub(crate) extra: u64,
+    /// The caller's credentials were not tried since the last accepted login: a pause does not
+    /// hold them (one attempt).
+    pub(crate) lift: bool,
+}
+
+fn verdict(v: &[i64]) -> Option<Verdict> {
+    let [code, ep, rej, att, pause, stop, lock, now, extra, lift] = v.try_into().ok()?;
+    let u = |n: i64| u64::try_from(n).unwrap_or(0);
+    let small = |n: i64| u32::try_from(n).unwrap_or(if n < 0 { 0 } else { u32::MAX });
+    let code = match code {
+        0 => Code::Granted,
+        1 => Code::Busy,
+        2 => Code::Wait,
+        3 => Code::Paused,
+        4 => Code::Stopped,
+        5 => Code::Backoff,
+        6 => Code::Done,
+        _ => return None,
+    };
+    Some(Verdict {
+        code,
+        numbers: Numbers {
+            epoch: u(ep),
+            rejected: small(rej),
+            attempts: small(att),
+            paused_until_ms: u(pause),
+            stopped: stop != 0,
+            locked: lock != 0,
+        },
+        now_ms: u(now),
+        extra: u(extra),
+        lift: lift != 0,
+    })
+}
+
+/// One token's keys for one user (or client).
+#[derive(Debug, Clone)]
+pub(crate) struct Keys {
+    pub(crate) guard: String,
+    pub(crate) lease: String,
+    pub(crate) token: String,
+}
+
+/// A token as the fleet holds it.
+pub(crate) struct SharedToken {
+    pub(crate) token: Secret,
+    pub(crate) fence: u64,
+    /// Left before the key expires (the token's expiry; the session's idle expiry).
+    pub(crate) ttl: Duration,
+    /// The OAuth token's lifetime from its request (for its refresh at 75 %).
+    pub(crate) life: Duration,
+    /// The last refresh returned this same OAuth token.
+    pub(crate) same: bool,
+}
+
+/// What is sealed: the token, its fence (checked against `v`), and what the OAuth refresh needs.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Payload {
+    t: String,
+    f: u64,
+    #[serde(default)]
+    life_ms: u64,
+    #[serde(default)]
+    same: bool,
+}
+
+/// What a guard script is told about the caller's settings.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub(crate) max_failed: u32,
+    pub(crate) pause: Duration,
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn wall_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// The Redis side of the fleet's tokens and guard, and what this replica remembers of them.
+pub(crate) struct SharedTokens {
+    redis: Arc<Redis>,
+    sealer: Sealer,
+    rng: SystemRandom,
+    /// The highest numbers seen per guard key (by epoch): pushed with every script call.
+    memory: Mutex<HashMap<String, Numbers>>,
+    /// Redis's clock minus ours (ms), from the last reply: converts pauses for the guard file.
+    clock_offset_ms: AtomicI64,
+    /// When this replica last pushed the session's use (manager ms): at most once per
+    /// `session_margin(idle)`.
+    pub(crate) pushed_ms: AtomicI64,
+    /// The last OAuth renewal made alone while Redis was unreachable.
+    pub(crate) local_oauth_at: Mutex<Option<Instant>>,
+    /// Fences of tokens the upstream refused (oauth, session): never adopted again.
+    refused: [AtomicU64; 2],
+}
+
+impl std::fmt::Debug for SharedTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedTokens(..)")
+    }
+}
+
+fn slot(token: TokenLabel) -> usize {
+    match token {
+        TokenLabel::Oauth => 0,
+        TokenLabel::Session => 1,
+    }
+}
+
+/// The name a token's keys are kept under: the OAuth client id or the ThingSpace username,
+/// hashed.
+fn key_id(token: TokenLabel, creds: &UpstreamCredentials) -> String {
+    let name = match token {
+        TokenLabel::Oauth => &creds.client_id,
+        TokenLabel::Session => &creds.username,
+    };
+    let input = format!("thingspace-gateway fleet id v1\0{}\0{name}", token.as_str());
+    let digest = ring::digest::digest(&ring::digest::SHA256, input.as_bytes());
+    crate::util::hex(&digest.as_ref()[..8])
+}
+
+impl SharedTokens {
+    pub(crate) fn new(redis: Arc<Redis>, signing_key: &Secret) -> Self {
+        Self {
+            redis,
+            sealer: Sealer::new(signing_key, b"tokens"),
+            rng: SystemRandom::new(),
+            memory: Mutex::new(HashMap::new()),
+            clock_offset_ms: AtomicI64::new(0),
+            pushed_ms: AtomicI64::new(i64::MIN / 2),
+            local_oauth_at: Mutex::new(None),
+            refused: [AtomicU64::new(0), AtomicU64::new(0)],
+        }
+    }
+
+    pub(crate) fn redis(&self) -> &Arc<Redis> {
+        &self.redis
+    }
+
+    pub(crate) fn keys(&self, token: TokenLabel, creds: &UpstreamCredentials) -> Keys {
+        let id = key_id(token, creds);
+        let t = token.as_str();
+        Keys {
+            guard: self.redis.key(&format!("guard:{t}:{id}")),
+            lease: self.redis.key(&format!("lease:{t}:{id}")),
+            token: self.redis.key(&format!("tok:{t}:{id}")),
+        }
+    }
+
+    pub(crate) fn remembered(&self, guard: &str) -> Numbers {
+        self.memory.lock().get(guard).copied().unwrap_or_default()
+    }
+
+    /// Takes the fleet's numbers as remembered; `true` when they changed.
+    pub(crate) fn remember(&self, guard: &str, n: Numbers, now_ms: u64) -> bool {
+        let offset = i64::try_from(now_ms).unwrap_or(0).saturating_sub(wall_ms());
+        self.clock_offset_ms.store(offset, Ordering::Relaxed);
+        self.memory.lock().insert(guard.to_string(), n) != Some(n)
+    }
+
+    /// Adds what this replica saw without Redis (the maximum, by epoch).
+    pub(crate) fn remember_max(&self, guard: &str, n: Numbers) {
+        let mut m = self.memory.lock();
+        let merged = m.get(guard).copied().unwrap_or_default().merge(n);
+        m.insert(guard.to_string(), merged);
+    }
+
+    /// Redis's clock now, as this replica last measured it (ms).
+    pub(crate) fn redis_ms(&self, wall: SystemTime) -> u64 {
+        let w = wall
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        u64::try_from(w.saturating_add(self.clock_offset_ms.load(Ordering::Relaxed))).unwrap_or(0)
+    }
+
+    /// A Redis time (ms) on this replica's wall clock.
+    pub(crate) fn wall_of(&self, redis_ms: u64) -> SystemTime {
+        let local = i64::try_from(redis_ms)
+            .unwrap_or(i64::MAX)
+            .saturating_sub(self.clock_offset_ms.load(Ordering::Relaxed));
+        SystemTime::UNIX_EPOCH + Duration::from_millis(u64::try_from(local).unwrap_or(0))
+    }
+
+    pub(crate) fn refused(&self, token: TokenLabel) -> u64 {
+        self.refused[slot(token)].load(Ordering::Relaxed)
+    }
+
+    /// The upstream refused the token of `fence`: never adopt it again, and take it out of
+    /// Redis (if it is still the one there) so no replica does.
+    pub(crate) fn refuse(self: &Arc<Self>, token: TokenLabel, keys: &Keys, fence: u64) {
+        if fence == 0 {
+            return;
+        }
+        self.refused[slot(token)].fetch_max(fence, Ordering::Relaxed);
+        let (me, key) = (self.clone(), keys.token.clone());
+        tokio::spawn(async move {
+            let _ = me
+                .redis
+                .call(|mut c| async move {
+                    INVALIDATE_SCRIPT
+                        .key(key)
+                        .arg(fence)
+                        .invoke_async::<i64>(&mut c)
+                        .await
+                })
+                .await;
+        });
+    }
+
+    fn owner(&self) -> String {
+        let mut b = [0u8; 16];
+        // A failing system generator leaves a fixed owner: the lease still works (one holder at
+        // a time), only a stale holder could then release a newer one's.
+        let _ = self.rng.fill(&mut b);
+        crate::util::hex(&b)
+    }
+
+    async fn guard_script(
+        &self,
+        script: &'static redis::Script,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> Result<Verdict, RedisError> {
+        let reply = self
+            .redis
+            .call(|mut c| async move {
+                let mut inv = script.prepare_invoke();
+                for k in keys {
+                    inv.key(k);
+                }
+                for a in args {
+                    inv.arg(a);
+                }
+                inv.invoke_async::<Vec<i64>>(&mut c).await
+            })
+            .await?;
+        verdict(&reply).ok_or_else(|| {
+            let e = RedisError::Failed("unexpected guard script reply".into());
+            self.redis.mark_down(&e);
+            e
+        })
+    }
+
+    fn memory_args(&self, guard: &str) -> Vec<String> {
+        self.remembered(guard)
+            .args()
+            .iter()
+            .map(u64::to_string)
+            .collect()
+    }
+
+    /// The guard check, the lease and the charge (`charged`: session logins), at once. Returns
+    /// the verdict and the owner value of a granted lease.
+    pub(crate) async fn begin(
+        &self,
+        keys: &Keys,
+        fp: &str,
+        charged: bool,
+        lease_for: Duration,
+        pause_cap: Duration,
+    ) -> Result<(Verdict, String), RedisError> {
+        let owner = self.owner();
+        let mut args = self.memory_args(&keys.guard);
+        args.extend([
+            fp.to_string(),
+            u8::from(charged).to_string(),
+            ms(lease_for).max(1).to_string(),
+            owner.clone(),
+            ms(pause_cap).to_string(),
+            ms(FRESH_GRACE).to_string(),
+            super::STOP_AT_ATTEMPTS.to_string(),
+        ]);
+        let keys = vec![keys.guard.clone(), keys.lease.clone(), keys.token.clone()];
+        let v = self.guard_script(&BEGIN_SCRIPT, keys, args).await?;
+        Ok((v, owner))
+    }
+
+    /// Settles a call made under the lease of `owner`.
+    pub(crate) async fn settle(
+        &self,
+        keys: &Keys,
+        fp: &str,
+        charged: bool,
+        event: Event,
+        limits: Limits,
+        owner: &str,
+    ) -> Result<Verdict, RedisError> {
+        let (base, cap) = super::guard::backoff_bounds();
+        let jitter = fastrand::u32(0..1000);
+        let mut args = self.memory_args(&keys.guard);
+        args.extend([
+            event.code().to_string(),
+            u8::from(event.refund).to_string(),
+            u8::from(event.backoff).to_string(),
+            u8::from(charged).to_string(),
+            limits.max_failed.to_string(),
+            ms(limits.pause).to_string(),
+            ms(limits.pause).to_string(),
+            super::STOP_AT_ATTEMPTS.to_string(),
+            ms(base).to_string(),
+            ms(cap).to_string(),
+            jitter.to_string(),
+            owner.to_string(),
+            fp.to_string(),
+        ]);
+        let keys = vec![keys.guard.clone(), keys.lease.clone()];
+        self.guard_script(&SETTLE_SCRIPT, keys, args).await
+    }
+
+    /// Pushes the remembered numbers and reads the fleet's.
+    pub(crate) async fn sync(
+        &self,
+        keys: &Keys,
+        fp: &str,
+        pause_cap: Duration,
+    ) -> Result<Verdict, RedisError> {
+        let mut args = self.memory_args(&keys.guard);
+        args.extend([ms(pause_cap).to_string(), fp.to_string()]);
+        self.guard_script(&SYNC_SCRIPT, vec![keys.guard.clone()], args)
+            .await
+    }
+
+    /// `POST /credentials/reset` for the fleet.
+    pub(crate) async fn reset(
+        &self,
+        keys: &Keys,
+        fp: &str,
+        pause_cap: Duration,
+    ) -> Result<Verdict, RedisError> {
+        let mut args = self.memory_args(&keys.guard);
+        args.extend([
+            ms(pause_cap).to_string(),
+            super::RESET_ATTEMPTS.to_string(),
+            fp.to_string(),
+        ]);
+        self.guard_script(&RESET_SCRIPT, vec![keys.guard.clone()], args)
+            .await
+    }
+
+    /// The fleet's token, if Redis holds one this replica can open.
+    pub(crate) async fn read(&self, keys: &Keys) -> Result<Option<SharedToken>, RedisError> {
+        let key = keys.token.clone();
+        let (fields, pttl): (Vec<Option<Vec<u8>>>, i64) = self
+            .redis
+            .call(|mut c| async move {
+                redis::pipe()
+                    .cmd("HMGET")
+                    .arg(&key)
+                    .arg("v")
+                    .arg("s")
+                    .cmd("PTTL")
+                    .arg(&key)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        let (Some(Some(v)), Some(Some(sealed))) = (fields.first(), fields.get(1)) else {
+            return Ok(None);
+        };
+        let Some(fence) = std::str::from_utf8(v).ok().and_then(|v| v.parse().ok()) else {
+            return Ok(None);
+        };
+        let Ok(ttl) = u64::try_from(pttl) else {
+            return Ok(None);
+        };
+        let Some(plain) = self.sealer.open(keys.token.as_bytes(), sealed) else {
+            tracing::warn!(
+                "a shared token in redis does not open with this replica's key \
+                 (clients.token_signing_key differs across the fleet?); ignoring it"
+            );
+            return Ok(None);
+        };
+        let Ok(p) = serde_json::from_slice::<Payload>(&plain) else {
+            return Ok(None);
+        };
+        if p.f != fence || p.t.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(SharedToken {
+            token: Secret::new(p.t),
+            fence,
+            ttl: Duration::from_millis(ttl),
+            life: Duration::from_millis(p.life_ms),
+            same: p.same,
+        }))
+    }
+
+    fn seal(&self, keys: &Keys, t: &SharedToken) -> Option<Vec<u8>> {
+        let payload = Payload {
+            t: t.token.expose().to_string(),
+            f: t.fence,
+            life_ms: ms(t.life),
+            same: t.same,
+        };
+        let plain = serde_json::to_vec(&payload).ok()?;
+        self.sealer.seal(keys.token.as_bytes(), &plain)
+    }
+
+    /// Writes the token obtained under the lease of `owner` (fenced) and releases the lease.
+    /// `Ok(false)`: a newer token is there.
+    pub(crate) async fn publish(
+        &self,
+        keys: &Keys,
+        t: &SharedToken,
+        owner: &str,
+    ) -> Result<bool, RedisError> {
+        let Some(sealed) = self.seal(keys, t) else {
+            return Ok(false);
+        };
+        let (key, lease, owner) = (keys.token.clone(), keys.lease.clone(), owner.to_string());
+        let (fence, ttl) = (t.fence, ms(t.ttl));
+        self.redis
+            .call(|mut c| async move {
+                PUBLISH_SCRIPT
+                    .key(key)
+                    .key(lease)
+                    .arg(fence)
+                    .arg(sealed)
+                    .arg(ttl)
+                    .arg(owner)
+                    .invoke_async::<i64>(&mut c)
+                    .await
+            })
+            .await
+            .map(|n| n == 1)
+    }
+
+    /// Writes a token this replica holds where Redis has none (after it rejoined).
+    pub(crate) async fn offer(&self, keys: &Keys, t: &SharedToken) -> Result<bool, RedisError> {
+        let Some(sealed) = self.seal(keys, t) else {
+            return Ok(false);
+        };
+        let key = keys.token.clone();
+        let (fence, ttl) = (t.fence, ms(t.ttl));
+        self.redis
+            .call(|mut c| async move {
+                OFFER_SCRIPT
+                    .key(key)
+                    .arg(fence)
+                    .arg(sealed)
+                    .arg(ttl)
+                    .invoke_async::<i64>(&mut c)
+                    .await
+            })
+            .await
+            .map(|n| n == 1)
+    }
+
+    /// A fence for a token obtained without the lease (Redis was down): later than any the
+    /// lease granted before, as far as this replica can tell.
+    pub(crate) fn local_fence(&self) -> u64 {
+        self.redis_ms(SystemTime::now()).max(1)
+    }
+
+    /// Pushes the session's idle expiry to `ttl` from now (never shortens it).
+    pub(crate) async fn touch(&self, keys: &Keys, fence: u64, ttl: Duration) {
+        let key = keys.token.clone();
+        let ttl = ms(ttl);
+        let _ = self
+            .redis
+            .call(|mut c| async move {
+                TOUCH_SCRIPT
+                    .key(key)
+                    .arg(fence)
+                    .arg(ttl)
+                    .invoke_async::<i64>(&mut c)
+                    .await
+            })
+            .await;
+    }
+
+    async fn release(&self, lease: String, owner: String) {
+        let _ = self
+            .redis
+            .call(|mut c| async move {
+                RELEASE_SCRIPT
+                    .key(lease)
+                    .arg(owner)
+                    .invoke_async::<i64>(&mut c)
+                    .await
+            })
+            .await;
+    }
+
+    async fn renew(&self, lease: String, owner: String, lease_for: Duration) {
+        let _ = self
+            .redis
+            .call(|mut c| async move {
+                RENEW_SCRIPT
+                    .key(lease)
+                    .arg(owner)
+                    .arg(ms(lease_for).max(1))
+                    .invoke_async::<i64>(&mut c)
+                    .await
+            })
+            .await;
+    }
+}
+
+/// The fleet's lease on one token call, held by this replica: renewed while the call runs,
+/// released when the token is published or when dropped.
+pub(crate) struct FleetTurn {
+    shared: Arc<SharedTokens>,
+    pub(crate) keys: Keys,
+    pub(crate) owner: String,
+    pub(crate) fence: u64,
+    released: AtomicBool,
+    renew: tokio::task::JoinHandle<()>,
+}
+
+impl FleetTurn {
+    pub(crate) fn new(
+        shared: Arc<SharedTokens>,
+        keys: Keys,
+        owner: String,
+        fence: u64,
+        lease_for: Duration,
+    ) -> Self {
+        let renew = {
+            let (s, lease, owner) = (shared.clone(), keys.lease.clone(), owner.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(lease_for / 3).await;
+                    s.renew(lease.clone(), owner.clone(), lease_for).await;
+                }
+            })
+        };
+        Self {
+            shared,
+            keys,
+            owner,
+            fence,
+            released: AtomicBool::new(false),
+            renew,
+        }
+    }
+
+    /// The lease went with the token's publication (or the settle of a failed call).
+    pub(crate) fn released(&self) {
+        self.renew.abort();
+        self.released.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Drop for FleetTurn {
+    fn drop(&mut self) {
+        self.renew.abort();
+        if self.released.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        // Dropped mid-call (the request went away) or after a failed publication: free the
+        // lease now rather than after it expires.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let (s, lease, owner) = (
+                self.shared.clone(),
+                self.keys.lease.clone(),
+                self.owner.clone(),
+            );
+            rt.spawn(async move { s.release(lease, owner).await });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_merge_takes_a_later_epoch_whole_and_else_the_maximum() {
+        let old = Numbers {
+            epoch: 5,
+            rejected: 2,
+            attempts: 3,
+            paused_until_ms: 100,
+            stopped: false,
+            locked: false,
+        };
+        let reset = Numbers {
+            epoch: 9,
+            attempts: 3,
+            ..Numbers::default()
+        };
+        assert_eq!(old.merge(reset), reset, "a reset is not undone");
+        assert_eq!(reset.merge(old), reset);
+        let other = Numbers {
+            epoch: 5,
+            rejected: 1,
+            attempts: 4,
+            paused_until_ms: 50,
+            stopped: true,
+            locked: false,
+        };
+        let m = old.merge(other);
+        assert_eq!((m.rejected, m.attempts, m.paused_until_ms), (2, 4, 100));
+        assert!(m.stopped);
+    }
+
+    #[test]
+    fn replies_of_the_wrong_shape_are_refused() {
+        assert!(verdict(&[0, 1, 2]).is_none());
+        assert!(verdict(&[9, 0, 0, 0, 0, 0, 0, 0, 0, 0]).is_none());
+        let v = verdict(&[0, 7, 1, 2, 0, 0, 0, 1000, 1001, 1]).unwrap();
+        assert_eq!(v.code, Code::Granted);
+        assert_eq!((v.numbers.epoch, v.numbers.attempts, v.extra), (7, 2, 1001));
+        assert!(v.lift);
+    }
+}

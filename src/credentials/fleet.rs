@@ -36,10 +36,10 @@ use tokio::time::Instant;
 /// How often a replica pushes its remembered numbers and reads the fleet's (so `/status` shows
 /// the fleet's count, a reset elsewhere lifts the stop here, and a Redis that lost the guard
 /// gets it back).
-pub(crate) const SYNC_EVERY: Duration = Duration::from_millis(500);
+pub(crate) const SYNC_EVERY: Duration = Duration::from_millis(250);
 /// A guard hash created just now (a fresh Redis, or one that lost its data) grants no login for
-/// this long, so the live replicas push what they remember first.
-pub(crate) const FRESH_GRACE: Duration = Duration::from_millis(1500);
+/// this long (four syncs), so the live replicas push what they remember first.
+pub(crate) const FRESH_GRACE: Duration = Duration::from_millis(1000);
 /// How often a replica waiting for another's token call looks for its result.
 pub(crate) const POLL_EVERY: Duration = Duration::from_millis(50);
 /// While Redis is unreachable a replica renews the OAuth token itself at most this often.
@@ -60,6 +60,8 @@ pub(crate) enum Code {
     Backoff,
     /// Synced, settled or reset.
     Done,
+    /// Redis holds a newer token than the caller knows: adopt it, no call.
+    Fresh,
 }
 
 /// SPEC §5's numbers for one guard, as Redis and the replicas hold them.
@@ -113,7 +115,8 @@ pub(crate) struct Verdict {
     pub(crate) numbers: Numbers,
     /// Redis's clock at the call, ms.
     pub(crate) now_ms: u64,
-    /// Granted: the fence; Busy/Wait/Paused/Backoff: ms to wait; settled: the backoff step.
+    /// Granted: the fence; Fresh: the newer token's fence; Busy/Wait/Paused/Backoff: ms to
+    /// wait; settled: the backoff step.
     pub(crate) extra: u64,
     /// The caller's credentials were not tried since the last accepted login: a pause does not
     /// hold them (one attempt).
@@ -132,6 +135,7 @@ fn verdict(v: &[i64]) -> Option<Verdict> {
         4 => Code::Stopped,
         5 => Code::Backoff,
         6 => Code::Done,
+        7 => Code::Fresh,
         _ => return None,
     };
     Some(Verdict {
@@ -373,8 +377,10 @@ impl SharedTokens {
             .collect()
     }
 
-    /// The guard check, the lease and the charge (`charged`: session logins), at once. Returns
-    /// the verdict and the owner value of a granted lease.
+    /// The guard check, the lease and the charge (`charged`: session logins), at once, unless
+    /// Redis holds a token of a fence above `known` with more than `min_ttl` left. Returns the
+    /// verdict and the owner value of a granted lease.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn begin(
         &self,
         keys: &Keys,
@@ -382,6 +388,8 @@ impl SharedTokens {
         charged: bool,
         lease_for: Duration,
         pause_cap: Duration,
+        known: u64,
+        min_ttl: Duration,
     ) -> Result<(Verdict, String), RedisError> {
         let owner = self.owner();
         let mut args = self.memory_args(&keys.guard);
@@ -393,6 +401,8 @@ impl SharedTokens {
             ms(pause_cap).to_string(),
             ms(FRESH_GRACE).to_string(),
             super::STOP_AT_ATTEMPTS.to_string(),
+            known.to_string(),
+            ms(min_ttl).to_string(),
         ]);
         let keys = vec![keys.guard.clone(), keys.lease.clone(), keys.token.clone()];
         let v = self.guard_script(&BEGIN_SCRIPT, keys, args).await?;

@@ -7,6 +7,7 @@ mod cache;
 mod common;
 mod config_files;
 mod fleet;
+mod fleet_tokens;
 mod fuzz;
 mod gateway;
 mod lockout;

@@ -233,8 +233,10 @@ impl TokenManager {
             let keys = self.fleet_keys(f, token);
             let fp = self.fleet_fp(token);
             let lease_for = self.lease_for();
+            let (known, min_ttl) = self.fleet_known(f, token);
+            let pause = self.limits().pause;
             let begun = f
-                .begin(&keys, &fp, charged, lease_for, self.limits().pause)
+                .begin(&keys, &fp, charged, lease_for, pause, known, min_ttl)
                 .await;
             let (v, owner) = match begun {
                 Ok(x) => x,
@@ -266,6 +268,15 @@ impl TokenManager {
                     g.cause = Some(Cause::Transient);
                     return refused(GatewayError::TokensUnavailable { retry_after: wait });
                 }
+                Code::Fresh => {
+                    if self.fleet_adopt(f, token).await {
+                        return Err(ExchangeError::Adopted);
+                    }
+                    if Instant::now() + POLL_EVERY > deadline {
+                        return refused(GatewayError::UpstreamTimeout);
+                    }
+                    tokio::time::sleep(POLL_EVERY).await;
+                }
                 Code::Busy | Code::Wait => {
                     let nap = POLL_EVERY.min(wait).max(Duration::from_millis(5));
                     if Instant::now() + nap > deadline {
@@ -277,6 +288,22 @@ impl TokenManager {
                     }
                 }
                 Code::Done => return refused(unavailable()),
+            }
+        }
+    }
+
+    /// The newest fence of `token` this replica holds or refused (a token in Redis above it is
+    /// news), and the least time left that makes a shared token worth adopting.
+    fn fleet_known(&self, f: &SharedTokens, token: TokenLabel) -> (u64, Duration) {
+        match token {
+            TokenLabel::Oauth => {
+                let held = self.state.held_oauth().map_or(0, |t| t.fence);
+                (held.max(f.refused(token)), Duration::ZERO)
+            }
+            TokenLabel::Session => {
+                let held = self.state.held_session().map_or(0, |s| s.fence);
+                let idle = self.settings.load().session_idle_timeout;
+                (held.max(f.refused(token)), session_margin(idle))
             }
         }
     }

@@ -68,15 +68,21 @@ local function fresh_epoch(g, now)
 end
 "#;
 
-/// Checks the stop, the pause (lifted for credentials not tried since the last accepted login),
-/// the fleet's backoff and, for a fresh hash, the grace that lets live replicas restore the
-/// count; then grants the lease, charges the attempt and returns the fence, all at once.
-/// KEYS: guard, lease, token. ARGV 7..: fp, charged (1/0), lease ms, owner, pause cap ms,
-/// grace ms, stop-at attempts.
+/// Finds a token newer than the caller knows (another replica's call just ended: no call
+/// needed); else checks the stop, the pause (lifted for credentials not tried since the last
+/// accepted login), the fleet's backoff and, for a fresh hash, the grace that lets live
+/// replicas restore the count; then grants the lease, charges the attempt and returns the
+/// fence, all at once. KEYS: guard, lease, token. ARGV 7..: fp, charged (1/0), lease ms,
+/// owner, pause cap ms, grace ms, stop-at attempts, known fence, least useful token ttl ms.
 const BEGIN: &str = r#"
 local now = now_ms()
 local g = load(now, tonumber(ARGV[11]))
 local fp = ARGV[7]
+local v = tonumber(redis.call('HGET', KEYS[3], 'v')) or 0
+if v > tonumber(ARGV[14]) and redis.call('PTTL', KEYS[3]) > tonumber(ARGV[15]) then
+  save(g)
+  return reply(7, g, now, v, fp)
+end
 local charged = ARGV[8] == '1'
 if charged and (g.stop == 1 or g.att >= tonumber(ARGV[13])) then
   save(g)
@@ -106,7 +112,6 @@ if charged then g.att = g.att + 1 end
 if not tried(g, fp) then
   if g.fps == '' then g.fps = fp else g.fps = g.fps .. ',' .. fp end
 end
-local v = tonumber(redis.call('HGET', KEYS[3], 'v')) or 0
 save(g)
 return reply(0, g, now, math.max(now, v + 1), fp)
 "#;

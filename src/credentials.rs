@@ -541,13 +541,24 @@ impl TokenManager {
         if !current.as_ref().is_some_and(|c| c.token == *used) {
             return Ok(()); // a concurrent request already dealt with it
         }
+        // Fleet mode with Redis unreachable: no login could replace the session, so it is kept
+        // (the retry shows whether it still holds); only the bearer is renewed.
+        let keep_session = self.fleet.as_ref().is_some_and(|f| !f.redis().is_up());
         if let Some(f) = &self.fleet {
-            let fences = (current.as_ref(), self.state.held_session());
-            self.fleet_refused(f, TokenLabel::Oauth, fences.0.map_or(0, |t| t.fence));
-            self.fleet_refused(f, TokenLabel::Session, fences.1.map_or(0, |s| s.fence));
+            self.fleet_refused(
+                f,
+                TokenLabel::Oauth,
+                current.as_ref().map_or(0, |t| t.fence),
+            );
+            if !keep_session {
+                let session = self.state.held_session();
+                self.fleet_refused(f, TokenLabel::Session, session.map_or(0, |s| s.fence));
+            }
         }
         self.state.store_oauth(None);
-        self.state.store_session(None);
+        if !keep_session {
+            self.state.store_session(None);
+        }
         if g.suspect.is_none() {
             g.suspect = Some(origin);
             self.suspicion.store(true, Ordering::Relaxed);

@@ -56,7 +56,10 @@ async fn ready(gw: &Running) -> bool {
 
 async fn all_ready(gws: &[Running], secs: u64) {
     for gw in gws {
-        assert!(eventually(secs, async || ready(gw).await).await, "not ready");
+        assert!(
+            eventually(secs, async || ready(gw).await).await,
+            "not ready"
+        );
     }
 }
 
@@ -109,12 +112,24 @@ async fn three_replicas_starting_together_make_one_token_call_and_one_login() {
 
     // No Redis value holds a token or a secret in clear.
     let (bearer, session) = last_tokens(&sim);
-    assert!(bearer.len() > 8 && session.len() > 8, "{bearer:?} {session:?}");
+    assert!(
+        bearer.len() > 8 && session.len() > 8,
+        "{bearer:?} {session:?}"
+    );
     let dump = redis.dump().await;
     let keys: Vec<&str> = dump.iter().map(|(k, _)| k.as_str()).collect();
-    assert!(keys.iter().any(|k| k.starts_with("tsgw:tok:oauth:")), "{keys:?}");
-    assert!(keys.iter().any(|k| k.starts_with("tsgw:tok:session:")), "{keys:?}");
-    assert!(keys.iter().any(|k| k.starts_with("tsgw:guard:session:")), "{keys:?}");
+    assert!(
+        keys.iter().any(|k| k.starts_with("tsgw:tok:oauth:")),
+        "{keys:?}"
+    );
+    assert!(
+        keys.iter().any(|k| k.starts_with("tsgw:tok:session:")),
+        "{keys:?}"
+    );
+    assert!(
+        keys.iter().any(|k| k.starts_with("tsgw:guard:session:")),
+        "{keys:?}"
+    );
     let secrets = [
         bearer.as_str(),
         session.as_str(),
@@ -125,7 +140,10 @@ async fn three_replicas_starting_together_make_one_token_call_and_one_login() {
     for (k, v) in &dump {
         for s in secrets {
             let found = |hay: &[u8]| hay.windows(s.len()).any(|w| w == s.as_bytes());
-            assert!(!found(k.as_bytes()) && !found(v), "{k} holds a secret in clear");
+            assert!(
+                !found(k.as_bytes()) && !found(v),
+                "{k} holds a secret in clear"
+            );
         }
     }
     // The guard's keys never expire; the tokens' do.
@@ -163,7 +181,10 @@ async fn wrong_password_on_three_replicas_restarted_three_times_stays_within_max
         }
     }
     let s = session(&gws[0]).await;
-    assert_eq!((s["failures"].as_u64(), s["attempts"].as_u64()), (Some(2), Some(2)));
+    assert_eq!(
+        (s["failures"].as_u64(), s["attempts"].as_u64()),
+        (Some(2), Some(2))
+    );
     assert_eq!(s["stopped"], false);
     assert_eq!(sim.count("session_login"), 2, "{}", sim.stats());
     assert_never_locked(&sim);
@@ -180,9 +201,9 @@ async fn after_short_pauses_the_fleet_stops_before_a_fifth_rejection() {
     );
     let mut gws = start3(&cfg).await;
     // Restarts while it runs: one replica at a time, every ~1.5 s.
-    for i in 0..gws.len() {
+    for gw in gws.iter_mut() {
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        let old = std::mem::replace(&mut gws[i], start_gateway(cfg.clone()).await);
+        let old = std::mem::replace(gw, start_gateway(cfg.clone()).await);
         old.stop().await;
     }
     all_sessions(&gws, 8, |s| s["stopped"] == true).await;
@@ -239,7 +260,10 @@ async fn a_reset_on_one_replica_lifts_the_stop_for_all() {
     all_sessions(&gws, 8, |s| s["stopped"] == true).await;
     assert_eq!(sim.count("session_login"), 1);
     let r = page(&gws[1], &sim, 0).await;
-    assert_eq!((r.status, r.error_code()), (StatusCode::BAD_GATEWAY, AUTH_FAILED.into()));
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::BAD_GATEWAY, AUTH_FAILED.into())
+    );
     // A restarted replica finds the stop in Redis.
     let old = std::mem::replace(&mut gws[2], start_gateway(cfg.clone()).await);
     old.stop().await;
@@ -292,7 +316,11 @@ async fn without_redis_no_login_and_back_the_replicas_share_one_token_again() {
     redis.kill();
     all_up(0.0).await;
     for (i, gw) in gws.iter().enumerate() {
-        assert_eq!(page(gw, &sim, i).await.status, StatusCode::OK, "held tokens in use");
+        assert_eq!(
+            page(gw, &sim, i).await.status,
+            StatusCode::OK,
+            "held tokens in use"
+        );
     }
     redis.restart().await;
     all_up(1.0).await;
@@ -322,9 +350,17 @@ async fn without_redis_no_login_and_back_the_replicas_share_one_token_again() {
     let r = page(&gws[0], &sim, 2).await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{:?}", r.body);
     assert_eq!(r.error_code(), UNAVAILABLE);
-    assert_eq!(page(&gws[1], &sim, 0).await.status, StatusCode::OK, "cached");
+    assert_eq!(
+        page(&gws[1], &sim, 0).await.status,
+        StatusCode::OK,
+        "cached"
+    );
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(sim.count("session_login"), 1, "a login while redis was down");
+    assert_eq!(
+        sim.count("session_login"),
+        1,
+        "a login while redis was down"
+    );
 
     redis.restart().await;
     all_up(1.0).await;
@@ -376,6 +412,49 @@ async fn a_session_kept_alive_on_one_replica_is_alive_on_the_others() {
         sim.count_status("licenses", 400),
         0,
         "no expired session was sent"
+    );
+    assert_eq!(sim.rejected_logins(), 0);
+    assert_never_locked(&sim);
+}
+
+#[tokio::test]
+async fn without_redis_the_oauth_token_is_renewed_alone_at_most_once_a_minute() {
+    let sim = start_sim(sim_opts()).await;
+    let mut redis = RedisServer::start().await;
+    let cfg = fleet_config(&sim.base_url(), &redis, "");
+    let gws = start3(&cfg).await;
+    all_ready(&gws, 8).await;
+    assert_eq!(sim.count("oauth_token"), 1);
+    redis.kill();
+    for gw in &gws {
+        let admin = gw.admin_url();
+        let down = async || metric(&admin, "thingspace_gateway_redis_up").await == 0.0;
+        assert!(eventually(8, down).await, "redis_up never 0");
+    }
+    let revoke = || {
+        sim.apply(FaultRequest {
+            revoke_tokens: true,
+            ..FaultRequest::default()
+        })
+        .unwrap()
+    };
+    revoke();
+    // Each replica renews the bearer alone, once, and keeps its session.
+    for (i, gw) in gws.iter().take(2).enumerate() {
+        let r = page(gw, &sim, 1).await;
+        assert_eq!(r.status, StatusCode::OK, "replica {i}: {:?}", r.body);
+        assert_eq!(sim.count("oauth_token"), 2 + i as u64, "{}", sim.stats());
+    }
+    // Not twice within a minute.
+    revoke();
+    let r = page(&gws[0], &sim, 2).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{:?}", r.body);
+    assert_eq!(r.error_code(), UNAVAILABLE);
+    assert_eq!(sim.count("oauth_token"), 3, "{}", sim.stats());
+    assert_eq!(
+        sim.count("session_login"),
+        1,
+        "no login while redis is down"
     );
     assert_eq!(sim.rejected_logins(), 0);
     assert_never_locked(&sim);

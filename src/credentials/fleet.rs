@@ -201,6 +201,8 @@ fn wall_ms() -> i64 {
 pub(crate) struct SharedTokens {
     redis: Arc<Redis>,
     sealer: Sealer,
+    /// Keys the credentials' fingerprints kept in Redis.
+    fp_key: ring::hmac::Key,
     rng: SystemRandom,
     /// The highest numbers seen per guard key (by epoch): pushed with every script call.
     memory: Mutex<HashMap<String, Numbers>>,
@@ -245,6 +247,7 @@ impl SharedTokens {
         Self {
             redis,
             sealer: Sealer::new(signing_key, b"tokens"),
+            fp_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, signing_key.expose().as_bytes()),
             rng: SystemRandom::new(),
             memory: Mutex::new(HashMap::new()),
             clock_offset_ms: AtomicI64::new(0),
@@ -266,6 +269,13 @@ impl SharedTokens {
             lease: self.redis.key(&format!("lease:{t}:{id}")),
             token: self.redis.key(&format!("tok:{t}:{id}")),
         }
+    }
+
+    /// A credentials fingerprint keyed with the signing key (16 hex digits).
+    pub(crate) fn keyed(&self, fingerprint: &str) -> String {
+        let input = format!("thingspace-gateway fleet fingerprint v1\0{fingerprint}");
+        let tag = ring::hmac::sign(&self.fp_key, input.as_bytes());
+        crate::util::hex(&tag.as_ref()[..8])
     }
 
     pub(crate) fn remembered(&self, guard: &str) -> Numbers {

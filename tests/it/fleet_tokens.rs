@@ -67,10 +67,17 @@ fn paused_at(max_failed: u64) -> impl Fn(&serde_json::Value) -> bool {
     move |s| s["failures"] == max_failed && s["paused_until"].is_string()
 }
 
-fn assert_never_locked(sim: &Simulator) {
+/// The simulator's user never locked: its counter and `/_sim/stats` agree.
+async fn assert_never_locked(sim: &Simulator) {
     assert_eq!(sim.lock_events(), 0, "the simulated user locked");
-    let stats = sim.stats();
-    assert!(!stats.to_string().is_empty());
+    let stats = get(&format!("{}/_sim/stats", sim.base_url())).await.json();
+    assert_eq!(stats["logins"]["lock_events"], 0, "{stats}");
+    assert_eq!(stats["logins"]["locked"], false, "{stats}");
+    assert_eq!(
+        stats["logins"]["rejected"],
+        sim.rejected_logins(),
+        "{stats}"
+    );
 }
 
 /// The `Authorization` bearer and `VZ-M2M-Token` of the last page request the simulator saw.
@@ -108,7 +115,7 @@ async fn three_replicas_starting_together_make_one_token_call_and_one_login() {
     assert_eq!(sim.count("oauth_token"), 1);
     assert_eq!(sim.count("session_login"), 1);
     assert_eq!(sim.rejected_logins(), 0);
-    assert_never_locked(&sim);
+    assert_never_locked(&sim).await;
 
     // No Redis value holds a token or a secret in clear.
     let (bearer, session) = last_tokens(&sim);
@@ -187,7 +194,7 @@ async fn wrong_password_on_three_replicas_restarted_three_times_stays_within_max
     );
     assert_eq!(s["stopped"], false);
     assert_eq!(sim.count("session_login"), 2, "{}", sim.stats());
-    assert_never_locked(&sim);
+    assert_never_locked(&sim).await;
 }
 
 #[tokio::test]
@@ -215,7 +222,7 @@ async fn after_short_pauses_the_fleet_stops_before_a_fifth_rejection() {
     let r = page(&gws[2], &sim, 0).await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY);
     assert_eq!(r.error_code(), AUTH_FAILED);
-    assert_never_locked(&sim);
+    assert_never_locked(&sim).await;
 }
 
 #[tokio::test]
@@ -239,7 +246,7 @@ async fn a_flushed_redis_gets_the_count_back_from_the_live_replicas() {
     all_sessions(&gws, 8, |s| s["stopped"] == true && s["attempts"] == 4).await;
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(sim.rejected_logins(), 4, "{}", sim.stats());
-    assert_never_locked(&sim);
+    assert_never_locked(&sim).await;
 }
 
 #[tokio::test]
@@ -287,7 +294,7 @@ async fn a_reset_on_one_replica_lifts_the_stop_for_all() {
     all_sessions(&gws, 5, |s| s["attempts"] == 0 && s["stopped"] == false).await;
     assert_eq!(sim.count("session_login"), 2, "one login for the fleet");
     assert_eq!(sim.rejected_logins(), 0);
-    assert_never_locked(&sim);
+    assert_never_locked(&sim).await;
 }
 
 #[tokio::test]
@@ -370,7 +377,7 @@ async fn without_redis_no_login_and_back_the_replicas_share_one_token_again() {
     }
     assert_eq!(sim.count("session_login"), 2, "one login for the fleet");
     assert_eq!(sim.rejected_logins(), 0);
-    assert_never_locked(&sim);
+    assert_never_locked(&sim).await;
 }
 
 #[tokio::test]
@@ -414,7 +421,7 @@ async fn a_session_kept_alive_on_one_replica_is_alive_on_the_others() {
         "no expired session was sent"
     );
     assert_eq!(sim.rejected_logins(), 0);
-    assert_never_locked(&sim);
+    assert_never_locked(&sim).await;
 }
 
 #[tokio::test]
@@ -456,6 +463,52 @@ async fn without_redis_the_oauth_token_is_renewed_alone_at_most_once_a_minute() 
         1,
         "no login while redis is down"
     );
+    // The fleet's count cannot be reset without Redis: nothing changes, and the answer says so.
+    let r = request(
+        Method::POST,
+        &format!("{}/credentials/reset", gws[1].admin_url()),
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{:?}", r.body);
+    assert_eq!(r.json()["reset"], false);
     assert_eq!(sim.rejected_logins(), 0);
-    assert_never_locked(&sim);
+    assert_never_locked(&sim).await;
+}
+
+#[tokio::test]
+async fn a_wrong_client_secret_pauses_token_requests_for_the_whole_fleet() {
+    let sim = start_sim(sim_opts()).await;
+    let redis = RedisServer::start().await;
+    let cfg = fleet_config(
+        &sim.base_url(),
+        &redis,
+        "[credentials]\nclient_secret = \"wrong-secret\"\n",
+    );
+    let mut gws = start3(&cfg).await;
+    let oauth = async |gw: &Running| {
+        get(&format!("{}/status", gw.admin_url())).await.json()["tokens"]["oauth"].clone()
+    };
+    for gw in &gws {
+        let paused = async || paused_at(2)(&oauth(gw).await);
+        assert!(eventually(8, paused).await, "{}", oauth(gw).await);
+    }
+    let old = std::mem::replace(&mut gws[0], start_gateway(cfg.clone()).await);
+    old.stop().await;
+    let paused = async || paused_at(2)(&oauth(&gws[0]).await);
+    assert!(
+        eventually(5, paused).await,
+        "a restarted replica finds the pause"
+    );
+    let r = page(&gws[0], &sim, 0).await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (StatusCode::BAD_GATEWAY, AUTH_FAILED.into())
+    );
+    assert_eq!(sim.count("oauth_token"), 2, "{}", sim.stats());
+    assert_eq!(sim.count_status("oauth_token", 401), 2);
+    assert_eq!(sim.count("session_login"), 0);
+    assert_eq!(sim.rejected_logins(), 0);
+    assert_never_locked(&sim).await;
 }

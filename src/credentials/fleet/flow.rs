@@ -71,12 +71,16 @@ impl TokenManager {
         f.keys(token, &self.creds.load())
     }
 
-    /// The fingerprint of the credentials a call of `token` sends.
+    /// The fingerprint of the credentials a call of `token` sends, as the fleet keeps it (keyed:
+    /// Redis alone does not allow guessing a password from it).
     pub(super) fn fleet_fp(&self, token: TokenLabel) -> String {
+        let Some(f) = &self.fleet else {
+            return String::new();
+        };
         let login = self.creds.load();
         match token {
-            TokenLabel::Oauth => login.client_fingerprint.clone(),
-            TokenLabel::Session => login.fingerprint.clone(),
+            TokenLabel::Oauth => f.keyed(&login.client_fingerprint),
+            TokenLabel::Session => f.keyed(&login.fingerprint),
         }
     }
 

@@ -14,6 +14,9 @@
 //!   across restarts too.
 //! - A refused token is renewed once; a renewed token refused too backs off (1 s doubling to
 //!   60 s), and no token call is made while the upstream is closed to us (cooldown, open circuit).
+//! - Fleet mode (SPEC §10, `credentials/fleet.rs`): the tokens and the guard's numbers are the
+//!   fleet's, in Redis; the local state keeps the working copies (lock-free token reads, the
+//!   guard mirrored for `/status`), and each token call takes the fleet's turn first.
 
 use crate::config::CredentialsConfig;
 use crate::error::{GatewayError, Throttle};

@@ -84,6 +84,10 @@ impl TokenManager {
                 reasons.push(format!("{what} backing off after failures"));
             }
         }
+        if self.fleet.as_ref().is_some_and(|f| !f.redis().is_up()) {
+            reasons
+                .push("redis unreachable: no session login until it answers (fleet mode)".into());
+        }
         if self.upstream.cooldown_until().is_some() {
             reasons.push("upstream is throttling (429 cooldown)".to_string());
         }

@@ -138,11 +138,8 @@ impl AdminApi {
         match self.0.tokens.reset_login_guard().await {
             Ok(()) => json_value(StatusCode::OK, &json!({"reset": true})),
             Err(e) => {
-                tracing::error!(error = %e, "credentials reset could not be stored in the guard file");
-                json_value(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    &json!({"reset": false, "error": "the guard file could not be written"}),
-                )
+                tracing::error!(error = %e, "credentials reset could not be stored");
+                json_value(e.status(), &json!({"reset": false, "error": e.words()}))
             }
         }
     }

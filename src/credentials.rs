@@ -14,6 +14,9 @@
 //!   across restarts too.
 //! - A refused token is renewed once; a renewed token refused too backs off (1 s doubling to
 //!   60 s), and no token call is made while the upstream is closed to us (cooldown, open circuit).
+//! - Fleet mode (SPEC §10, `credentials/fleet.rs`): the tokens and the guard's numbers are the
+//!   fleet's, in Redis; the local state keeps the working copies (lock-free token reads, the
+//!   guard mirrored for `/status`), and each token call takes the fleet's turn first.
 
 use crate::config::CredentialsConfig;
 use crate::error::{GatewayError, Throttle};
@@ -27,12 +30,13 @@ use guard::{Cause, Guard, Origin};
 use http::{header, HeaderMap, HeaderValue};
 use parking_lot::Mutex;
 use state::{CredentialState, LocalState};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
 mod exchange;
+mod fleet;
 mod guard;
 mod login;
 mod oauth;
@@ -41,6 +45,7 @@ mod state;
 pub mod store;
 
 pub use guard::{BEARER_REFUSED, RESET_ATTEMPTS, STOP_AT_ATTEMPTS, THINGSPACE_LOCKOUT};
+pub use report::ResetError;
 pub use store::{FileStore, GuardStore, MemoryStore, Record};
 
 /// The longest token lifetime believed from an upstream `expires_in`.
@@ -136,13 +141,18 @@ pub struct OAuthToken {
     pub expires_at: Instant,
     /// The last refresh returned this same token: ask again right after it expires.
     same_returned: bool,
+    /// Fleet mode: the fence it was stored under in Redis (0: not shared).
+    fence: u64,
 }
 
 #[derive(Debug)]
 pub struct SessionToken {
     pub token: Secret,
-    /// Milliseconds since the manager's epoch of the last request sent with it.
-    last_used_ms: AtomicU64,
+    /// Milliseconds since the manager's epoch of the last request sent with it (negative: a
+    /// session adopted from the fleet, last used before this process started).
+    last_used_ms: AtomicI64,
+    /// Fleet mode: the fence it was stored under in Redis (0: not shared).
+    fence: u64,
 }
 
 /// The pair of tokens one upstream request carries.
@@ -178,6 +188,8 @@ impl Creds {
 enum ExchangeError {
     /// A login was refused for the bearer token: get a new one and try once more.
     BearerRefused,
+    /// Fleet mode: another replica obtained the token meanwhile; it is held now.
+    Adopted,
     Other(GatewayError),
 }
 
@@ -211,6 +223,8 @@ pub struct TokenManager {
     closed_until: Mutex<Option<Instant>>,
     /// Wakes the background loop (a reset lifted a stop).
     wake: tokio::sync::Notify,
+    /// Fleet mode (SPEC §10): the tokens and the guard shared in Redis.
+    fleet: Option<Arc<fleet::SharedTokens>>,
 }
 
 fn rfc3339(t: SystemTime) -> String {
@@ -240,6 +254,25 @@ impl TokenManager {
         Self::with_state(upstream, creds, settings, metrics, state)
     }
 
+    /// Fleet mode (SPEC §10): tokens and login counts shared with every replica on `redis`,
+    /// sealed with a key from `signing_key`; `store` (the guard file, if configured) keeps this
+    /// replica's memory of the counts.
+    pub fn new_shared(
+        upstream: Arc<Upstream>,
+        creds: UpstreamCredentials,
+        settings: TokenSettings,
+        metrics: Metrics,
+        store: Arc<dyn GuardStore>,
+        redis: Arc<crate::fleet::Redis>,
+        signing_key: &Secret,
+    ) -> Self {
+        let mut m = Self::new(upstream, creds, settings, metrics, store);
+        let shared = Arc::new(fleet::SharedTokens::new(redis, signing_key));
+        m.fleet_remember_file(&shared);
+        m.fleet = Some(shared);
+        m
+    }
+
     /// A token manager over `state` (the in-process one, or a shared one in fleet mode).
     pub(crate) fn with_state(
         upstream: Arc<Upstream>,
@@ -259,6 +292,7 @@ impl TokenManager {
             closed_until: Mutex::new(None),
             wake: tokio::sync::Notify::new(),
             save_order: tokio::sync::Mutex::new(()),
+            fleet: None,
             state,
             creds: ArcSwap::from_pointee(Login::new(creds)),
         };
@@ -312,6 +346,9 @@ impl TokenManager {
             // under other credentials is lifted there, a stop kept).
             let record = self.state.guard_store().load(&next.username);
             *self.state.guard(TokenLabel::Session).lock() = self.guard_from(&record);
+            if let Some(f) = &self.fleet {
+                self.fleet_remember_file(f);
+            }
         } else if user_changed {
             let mut g = self.state.guard(TokenLabel::Session).lock();
             if !g.is_stopped() && g.paused(Instant::now()).is_some() {
@@ -399,6 +436,7 @@ impl TokenManager {
             stopped: g.stopped,
             locked: g.locked,
             fingerprint: self.creds.load().fingerprint.clone(),
+            epoch: 0,
         }
     }
 
@@ -420,13 +458,27 @@ impl TokenManager {
         }
     }
 
-    fn ms(&self, t: Instant) -> u64 {
-        u64::try_from(t.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
+    /// Milliseconds from the manager's epoch to `t` (negative before it).
+    fn ms(&self, t: Instant) -> i64 {
+        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        match t.checked_duration_since(self.epoch) {
+            Some(d) => ms(d),
+            None => -ms(self.epoch.duration_since(t)),
+        }
+    }
+
+    /// The instant `ms` milliseconds from the manager's epoch.
+    fn at_ms(&self, ms: i64) -> Instant {
+        let d = Duration::from_millis(ms.unsigned_abs());
+        if ms >= 0 {
+            self.epoch + d
+        } else {
+            self.epoch.checked_sub(d).unwrap_or(self.epoch)
+        }
     }
 
     fn session_expiry(&self, s: &SessionToken) -> Instant {
-        self.epoch
-            + Duration::from_millis(s.last_used_ms.load(Ordering::Relaxed))
+        self.at_ms(s.last_used_ms.load(Ordering::Relaxed))
             + self.settings.load().session_idle_timeout
     }
 
@@ -450,7 +502,8 @@ impl TokenManager {
             };
             match self.session_token(&oauth, deadline).await {
                 Ok(session) => return Ok(Creds { oauth, session }),
-                Err(ExchangeError::BearerRefused) => continue,
+                // Adopted: another replica's session is held now; looked up again.
+                Err(ExchangeError::BearerRefused | ExchangeError::Adopted) => continue,
                 Err(ExchangeError::Other(e)) => return Err(e),
             }
         }
@@ -464,6 +517,9 @@ impl TokenManager {
             .session
             .last_used_ms
             .fetch_max(self.ms(sent_at), Ordering::Relaxed);
+        if let Some(f) = &self.fleet {
+            self.fleet_touch(f, &creds.session);
+        }
         if self.suspicion.load(Ordering::Relaxed) {
             for token in TokenLabel::ALL {
                 let mut g = self.state.guard(token).lock();
@@ -488,8 +544,24 @@ impl TokenManager {
         if !current.as_ref().is_some_and(|c| c.token == *used) {
             return Ok(()); // a concurrent request already dealt with it
         }
+        // Fleet mode with Redis unreachable: no login could replace the session, so it is kept
+        // (the retry shows whether it still holds); only the bearer is renewed.
+        let keep_session = self.fleet.as_ref().is_some_and(|f| !f.redis().is_up());
+        if let Some(f) = &self.fleet {
+            self.fleet_refused(
+                f,
+                TokenLabel::Oauth,
+                current.as_ref().map_or(0, |t| t.fence),
+            );
+            if !keep_session {
+                let session = self.state.held_session();
+                self.fleet_refused(f, TokenLabel::Session, session.map_or(0, |s| s.fence));
+            }
+        }
         self.state.store_oauth(None);
-        self.state.store_session(None);
+        if !keep_session {
+            self.state.store_session(None);
+        }
         if g.suspect.is_none() {
             g.suspect = Some(origin);
             self.suspicion.store(true, Ordering::Relaxed);
@@ -521,6 +593,9 @@ impl TokenManager {
         let current = self.state.held_session();
         if !current.as_ref().is_some_and(|c| c.token == *used) {
             return Ok(());
+        }
+        if let Some(f) = &self.fleet {
+            self.fleet_refused(f, TokenLabel::Session, current.map_or(0, |s| s.fence));
         }
         self.state.store_session(None);
         if g.suspect.is_none() {
@@ -573,7 +648,16 @@ impl TokenManager {
         let held = self.valid_oauth(now);
         let oauth_due = held.as_ref().map(|t| refresh_at(t)).unwrap_or(now);
         let mut next = oauth_due.max(oauth_blocked.unwrap_or(now));
+        // Fleet mode with Redis unreachable: no login (the rejoin wakes the loop), and the OAuth
+        // token renewed alone at most once a minute.
+        let fleet_down = self.fleet.as_ref().filter(|f| !f.redis().is_up());
+        if let Some(f) = fleet_down {
+            if let Some(at) = *f.local_oauth_at.lock() {
+                next = next.max(at + fleet::LOCAL_OAUTH_EVERY);
+            }
+        }
         if held.is_some()
+            && fleet_down.is_none()
             && self.state.held_session().is_none()
             && self.creds.load().user_configured()
         {
@@ -592,6 +676,9 @@ impl TokenManager {
     /// Obtains both tokens at start (so readiness does not wait for traffic) and keeps the
     /// OAuth token fresh until `shutdown`.
     pub async fn run(self: Arc<Self>, shutdown: Shutdown) {
+        if let Some(f) = &self.fleet {
+            tokio::spawn(self.clone().fleet_loop(f.clone(), shutdown.clone()));
+        }
         loop {
             let now = Instant::now();
             let wake = self.next_wake(now).max(now);

@@ -171,23 +171,26 @@ impl Gateway {
         ));
         let c = &cfg.credentials;
         let guard_store = crate::credentials::open_guard_store(c.guard_file.as_deref())?;
-        let tokens = Arc::new(TokenManager::new(
-            upstream.clone(),
-            UpstreamCredentials {
-                client_id: c.client_id.clone(),
-                client_secret: c.client_secret.clone(),
-                username: c.username.clone(),
-                password: c.password.clone(),
-            },
-            TokenSettings {
-                session_idle_timeout: c.session_idle_timeout.0,
-                max_failed_logins: c.max_failed_logins,
-                login_pause: c.login_pause.0,
-                call_timeout: cfg.server.request_timeout.0,
-            },
-            metrics.clone(),
-            guard_store,
-        ));
+        let creds = UpstreamCredentials {
+            client_id: c.client_id.clone(),
+            client_secret: c.client_secret.clone(),
+            username: c.username.clone(),
+            password: c.password.clone(),
+        };
+        let token_settings = TokenSettings {
+            session_idle_timeout: c.session_idle_timeout.0,
+            max_failed_logins: c.max_failed_logins,
+            login_pause: c.login_pause.0,
+            call_timeout: cfg.server.request_timeout.0,
+        };
+        let (up, m) = (upstream.clone(), metrics.clone());
+        let tokens = Arc::new(match &redis {
+            Some(r) => {
+                let key = &cfg.clients.token_signing_key;
+                TokenManager::new_shared(up, creds, token_settings, m, guard_store, r.clone(), key)
+            }
+            None => TokenManager::new(up, creds, token_settings, m, guard_store),
+        });
         let windows = Windows::from_config(&cfg.cache);
         let cache = Arc::new(PageCache::new(
             Arc::new(MokaStore::new(cfg.cache.max_bytes.0, windows)),

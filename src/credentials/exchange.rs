@@ -4,6 +4,7 @@
 //! Each login ([`super::oauth`], [`super::login`]) describes only what differs: which token, its
 //! request, whether its attempts are charged, and how an answer becomes a token.
 
+use super::fleet::{Event, EventKind, FleetTurn};
 use super::guard::{self, Cause};
 use super::{calls, ExchangeError, TokenManager};
 use crate::error::GatewayError;
@@ -43,6 +44,28 @@ impl<T> Outcome<T> {
     }
 }
 
+/// When a token call was sent, and under which fleet fence (0: not shared).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Sent {
+    pub(super) at: Instant,
+    pub(super) fence: u64,
+}
+
+/// Whose turn a token call is: this process's alone, or the fleet's (a lease in Redis).
+pub(super) enum Turn {
+    Local,
+    Fleet(FleetTurn),
+}
+
+impl Turn {
+    fn fence(&self) -> u64 {
+        match self {
+            Turn::Local => 0,
+            Turn::Fleet(t) => t.fence,
+        }
+    }
+}
+
 /// One token call, as its login describes it.
 pub(super) struct Exchange<P> {
     pub(super) token: TokenLabel,
@@ -53,8 +76,11 @@ pub(super) struct Exchange<P> {
     /// again once settled (session logins: their guard is the stored one). The token request's
     /// guard only pauses: ThingSpace's lock is on the user.
     pub(super) charged: bool,
+    /// Fleet mode with Redis reachable: the fleet's guard and lease (Redis) decide, not this
+    /// process's alone.
+    pub(super) fleet: bool,
     pub(super) request: OutRequest,
-    /// An answer and the instant the call was sent (lifetimes count from it) → its meaning.
+    /// An answer and when the call was sent (lifetimes count from it) → its meaning.
     pub(super) parse: P,
 }
 
@@ -73,14 +99,14 @@ pub(super) fn judge<T>(
 
 impl TokenManager {
     /// Runs one token call under the guard of `x.token`. The caller holds the token's refresh
-    /// lease and stores the token it gets.
+    /// lease and stores the token it gets (and, in fleet mode, publishes it with the turn).
     pub(super) async fn exchange<T, P>(
         &self,
         x: Exchange<P>,
         deadline: Instant,
-    ) -> Result<T, ExchangeError>
+    ) -> Result<(T, Turn), ExchangeError>
     where
-        P: FnOnce(RawResponse, Instant) -> Outcome<T>,
+        P: FnOnce(RawResponse, Sent) -> Outcome<T>,
     {
         if !x.configured {
             let e = GatewayError::UpstreamAuthFailed(guard::NOT_CONFIGURED);
@@ -100,10 +126,18 @@ impl TokenManager {
         }
         self.upstream_open(Instant::now())
             .map_err(ExchangeError::Other)?;
-        if x.charged {
-            self.charge(x.token).await.map_err(ExchangeError::Other)?;
-        }
-        let sent = Instant::now();
+        let turn = if x.fleet {
+            self.fleet_turn(x.token, x.charged, deadline).await?
+        } else {
+            if x.charged {
+                self.charge(x.token).await.map_err(ExchangeError::Other)?;
+            }
+            Turn::Local
+        };
+        let sent = Sent {
+            at: Instant::now(),
+            fence: turn.fence(),
+        };
         let made = AtomicU32::new(0);
         let result = self
             .upstream
@@ -112,7 +146,10 @@ impl TokenManager {
         let made = made.load(Ordering::Relaxed);
         let parse = x.parse;
         let outcome = judge(result, made, |resp| parse(resp, sent));
-        self.settle(x.token, x.charged, outcome, made).await
+        let token = self
+            .settle(x.token, x.charged, outcome, made, &turn)
+            .await?;
+        Ok((token, turn))
     }
 
     /// Charges one attempt and makes it durable; `Err` (refunded, backing off) when it cannot
@@ -136,15 +173,22 @@ impl TokenManager {
         charged: bool,
         outcome: Outcome<T>,
         made: u32,
+        turn: &Turn,
     ) -> Result<T, ExchangeError> {
         let what = calls(token);
         let now = Instant::now();
-        let (result, metric) = {
+        let event = |kind, refund, backoff| Event {
+            kind,
+            refund,
+            backoff,
+        };
+        let (result, metric, event) = {
             let mut g = self.state.guard(token).lock();
             let settled = match outcome {
                 Outcome::Accepted(t) => {
                     g.accepted();
-                    (Ok(t), Some(RefreshOutcome::Success))
+                    let ev = event(EventKind::Accepted, false, false);
+                    (Ok(t), Some(RefreshOutcome::Success), ev)
                 }
                 Outcome::Rejected(status) => {
                     let settings = self.settings.load();
@@ -156,17 +200,28 @@ impl TokenManager {
                         now,
                     );
                     let e = GatewayError::UpstreamAuthFailed(guard::REJECTED);
-                    (Err(ExchangeError::Other(e)), Some(RefreshOutcome::Rejected))
+                    let ev = event(EventKind::Rejected, false, false);
+                    (
+                        Err(ExchangeError::Other(e)),
+                        Some(RefreshOutcome::Rejected),
+                        ev,
+                    )
                 }
                 Outcome::Locked(status) => {
                     tracing::error!(status, "upstream {what} answered: user locked");
                     g.locked(what);
                     let e = GatewayError::UpstreamAuthFailed(guard::LOCKED);
-                    (Err(ExchangeError::Other(e)), Some(RefreshOutcome::Rejected))
+                    let ev = event(EventKind::Locked, false, false);
+                    (
+                        Err(ExchangeError::Other(e)),
+                        Some(RefreshOutcome::Rejected),
+                        ev,
+                    )
                 }
                 Outcome::BearerRefused => (
                     Err(ExchangeError::BearerRefused),
                     Some(RefreshOutcome::Failure),
+                    event(EventKind::Nothing, false, false),
                 ),
                 Outcome::NotJudged(e) => {
                     if charged {
@@ -174,7 +229,8 @@ impl TokenManager {
                     }
                     if made == 0 {
                         // Our own protection held it back: no failure counted, no backoff.
-                        (Err(ExchangeError::Other(e)), None)
+                        let ev = event(EventKind::Nothing, charged, false);
+                        (Err(ExchangeError::Other(e)), None, ev)
                     } else {
                         tracing::warn!(
                             token = token.as_str(),
@@ -182,7 +238,12 @@ impl TokenManager {
                             "upstream {what} failed before judging the credentials; backing off"
                         );
                         let e = g.back_off(Cause::Transient, now);
-                        (Err(ExchangeError::Other(e)), Some(RefreshOutcome::Failure))
+                        let ev = event(EventKind::Nothing, charged, true);
+                        (
+                            Err(ExchangeError::Other(e)),
+                            Some(RefreshOutcome::Failure),
+                            ev,
+                        )
                     }
                 }
                 Outcome::Unknown(e) => {
@@ -198,7 +259,12 @@ impl TokenManager {
                         GatewayError::UpstreamUnavailable { .. } => e,
                         _ => backoff,
                     };
-                    (Err(ExchangeError::Other(e)), Some(RefreshOutcome::Failure))
+                    let ev = event(EventKind::Nothing, false, true);
+                    (
+                        Err(ExchangeError::Other(e)),
+                        Some(RefreshOutcome::Failure),
+                        ev,
+                    )
                 }
             };
             if g.is_stopped() {
@@ -209,9 +275,16 @@ impl TokenManager {
         if let Some(m) = metric {
             self.metrics.token_refresh(token, m);
         }
-        if charged {
-            if let Err(e) = self.save_session_guard().await {
-                tracing::error!(error = %e, "cannot record the login outcome in the guard file");
+        match turn {
+            Turn::Fleet(t) => self.fleet_settle(token, charged, event, t).await,
+            Turn::Local => {
+                if charged {
+                    if let Err(e) = self.save_session_guard().await {
+                        tracing::error!(error = %e, "cannot record the login outcome in the guard file");
+                    }
+                }
+                // Fleet mode with Redis unreachable: remembered, pushed when it is back.
+                self.fleet_remember_mirror(token);
             }
         }
         if let Err(ExchangeError::Other(GatewayError::UpstreamUnavailable {

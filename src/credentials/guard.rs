@@ -18,6 +18,11 @@ const TRANSIENT_BACKOFF_CAP: Duration = Duration::from_secs(60);
 const TRANSIENT_BACKOFF: Backoff =
     Backoff::new(TRANSIENT_BACKOFF_BASE, TRANSIENT_BACKOFF_CAP, Jitter::Equal);
 
+/// The transient backoff's first step and cap (the fleet's backoff steps in Redis use them).
+pub(super) fn backoff_bounds() -> (Duration, Duration) {
+    (TRANSIENT_BACKOFF_BASE, TRANSIENT_BACKOFF_CAP)
+}
+
 // What a client is told when the credentials are the cause: fixed words, no counts or durations
 // (those go to the log).
 pub const REJECTED: &str = "upstream rejected the gateway's credentials";

@@ -2,7 +2,7 @@
 //! (SPEC §5): every login is charged to `attempts` and made durable *before* it is sent; the
 //! answer settles it.
 
-use super::exchange::{Exchange, Outcome};
+use super::exchange::{Exchange, Outcome, Sent};
 use super::guard::Origin;
 use super::{sensitive, ExchangeError, OAuthToken, SessionToken, TokenManager};
 use crate::error::GatewayError;
@@ -11,7 +11,7 @@ use crate::secret::Secret;
 use crate::upstream::transport::{OutRequest, RawResponse};
 use bytes::Bytes;
 use http::{header, HeaderMap, Method, StatusCode};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use tokio::time::Instant;
 
@@ -101,6 +101,18 @@ impl TokenManager {
         {
             return Err(ExchangeError::BearerRefused);
         }
+        // Fleet mode: the fleet's session if it has one; no login at all while Redis is
+        // unreachable (SPEC §10: the counts that protect the account live there).
+        if let Some(f) = &self.fleet {
+            if f.redis().is_up() && self.fleet_adopt(f, TokenLabel::Session).await {
+                if let Some(s) = self.valid_session(Instant::now()) {
+                    return Ok(s);
+                }
+            }
+            if !f.redis().is_up() {
+                return Err(ExchangeError::Other(super::fleet::unavailable()));
+            }
+        }
         self.login(&oauth.token, deadline).await
     }
 
@@ -115,23 +127,29 @@ impl TokenManager {
             endpoint: Endpoint::SessionLogin,
             configured: self.creds.load().user_configured(),
             charged: true,
+            fleet: self.fleet.is_some(),
             request: self.login_request(bearer),
-            parse: |resp: RawResponse, sent| {
+            parse: |resp: RawResponse, sent: Sent| {
                 classify(&resp).map(|token| {
                     Arc::new(SessionToken {
                         token: Secret::new(token),
-                        last_used_ms: AtomicU64::new(self.ms(sent)),
+                        last_used_ms: AtomicI64::new(self.ms(sent.at)),
+                        fence: sent.fence,
                     })
                 })
             },
         };
         match self.exchange(exchange, deadline).await {
-            Ok(s) => {
+            Ok((s, turn)) => {
                 self.bearer_accepted_at_login();
                 self.state.store_session(Some(s.clone()));
                 self.ready.store(true, Ordering::Release);
+                self.fleet_publish_session(&s, turn).await;
                 Ok(s)
             }
+            Err(ExchangeError::Adopted) => self
+                .valid_session(Instant::now())
+                .ok_or(ExchangeError::Other(super::fleet::unavailable())),
             Err(ExchangeError::BearerRefused) => match self.refuse_bearer(bearer, Origin::Login) {
                 Ok(()) => Err(ExchangeError::BearerRefused),
                 Err(e) => Err(ExchangeError::Other(e)),

@@ -2,9 +2,10 @@
 //! [exchange](super::exchange). Rejections pause token requests (no attempts, no stop:
 //! ThingSpace's lock is on the user); other failures back off.
 
-use super::exchange::{Exchange, Outcome};
+use super::exchange::{Exchange, Outcome, Sent};
 use super::{
-    guard, sensitive, unix_secs, ExchangeError, OAuthToken, TokenManager, MAX_TOKEN_LIFETIME_SECS,
+    guard, refresh_at, sensitive, unix_secs, ExchangeError, OAuthToken, TokenManager,
+    MAX_TOKEN_LIFETIME_SECS,
 };
 use crate::error::GatewayError;
 use crate::observe::{Endpoint, TokenLabel};
@@ -33,24 +34,48 @@ impl TokenManager {
                 return Ok(t); // refreshed by the flight we waited for
             }
         }
+        // Fleet mode: the fleet's token when another replica has a newer one; the fleet's lease
+        // otherwise; alone (at most once a minute) while Redis is unreachable.
+        let fleet = match &self.fleet {
+            Some(f) => {
+                if f.redis().is_up() && self.fleet_adopt(f, TokenLabel::Oauth).await {
+                    if let Some(t) = self.valid_oauth(Instant::now()) {
+                        if !proactive || Instant::now() < refresh_at(&t) {
+                            return Ok(t);
+                        }
+                    }
+                }
+                f.redis().is_up() || {
+                    self.local_oauth_allowed(f)?;
+                    false
+                }
+            }
+            None => false,
+        };
         let exchange = Exchange {
             token: TokenLabel::Oauth,
             endpoint: Endpoint::OauthToken,
             configured: self.creds.load().client_configured(),
             charged: false,
+            fleet,
             request: self.token_request(),
             parse: |resp, sent| self.parse_token(resp, sent),
         };
-        let new = self
-            .exchange(exchange, deadline)
-            .await
-            .map_err(|e| match e {
-                ExchangeError::Other(e) => e,
-                // Only a login's answer says this; kept total rather than assumed away.
-                ExchangeError::BearerRefused => {
-                    GatewayError::UpstreamAuthFailed(guard::BEARER_REFUSED)
-                }
-            })?;
+        let (new, turn) = match self.exchange(exchange, deadline).await {
+            Ok(x) => x,
+            Err(ExchangeError::Other(e)) => return Err(e),
+            Err(ExchangeError::Adopted) => {
+                return self
+                    .valid_oauth(Instant::now())
+                    .ok_or(GatewayError::TokensUnavailable {
+                        retry_after: Duration::from_secs(1),
+                    })
+            }
+            // Only a login's answer says this; kept total rather than assumed away.
+            Err(ExchangeError::BearerRefused) => {
+                return Err(GatewayError::UpstreamAuthFailed(guard::BEARER_REFUSED))
+            }
+        };
         let now = Instant::now();
         if new.expires_at <= now {
             // Same token, in its last second: ask again shortly instead of spinning.
@@ -60,6 +85,7 @@ impl TokenManager {
         self.metrics
             .token_expiry(TokenLabel::Oauth, unix_secs(self.wall(new.expires_at)));
         self.state.store_oauth(Some(new.clone()));
+        self.fleet_publish_oauth(&new, turn).await;
         if new.expires_at <= now {
             return Err(GatewayError::TokensUnavailable {
                 retry_after: Duration::from_secs(1),
@@ -71,7 +97,8 @@ impl TokenManager {
     /// A token answer → a token. An answer that is not a usable token is a transient failure
     /// (503), not the credentials; any 4xx (a `fault` 401 included) refuses the client id or
     /// secret.
-    fn parse_token(&self, resp: RawResponse, sent: Instant) -> Outcome<Arc<OAuthToken>> {
+    fn parse_token(&self, resp: RawResponse, sent: Sent) -> Outcome<Arc<OAuthToken>> {
+        let (fence, sent) = (sent.fence, sent.at);
         let status = resp.status.as_u16();
         if resp.status.is_client_error() {
             return Outcome::Rejected(status);
@@ -108,6 +135,7 @@ impl TokenManager {
                 obtained_at: cur.obtained_at,
                 expires_at: cur.expires_at.max(estimate),
                 same_returned: true,
+                fence,
             },
             None if body.expires_in == 0 => {
                 tracing::warn!("upstream issued a token that is already expired");
@@ -118,6 +146,7 @@ impl TokenManager {
                 obtained_at: sent,
                 expires_at: estimate,
                 same_returned: false,
+                fence,
             },
         };
         Outcome::Accepted(Arc::new(new))

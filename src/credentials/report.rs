@@ -8,6 +8,33 @@ use crate::upstream::circuit::CircuitState;
 use std::sync::atomic::Ordering;
 use tokio::time::Instant;
 
+/// Why `POST /credentials/reset` changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ResetError {
+    #[error("the guard file could not be written: {0}")]
+    GuardFile(String),
+    /// Fleet mode: the fleet's numbers live in Redis, which did not answer.
+    #[error("redis is unreachable: the fleet's login counts were not reset")]
+    Redis,
+}
+
+impl ResetError {
+    pub fn status(&self) -> http::StatusCode {
+        match self {
+            ResetError::GuardFile(_) => http::StatusCode::INTERNAL_SERVER_ERROR,
+            ResetError::Redis => http::StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// Fixed words for the admin's answer.
+    pub fn words(&self) -> &'static str {
+        match self {
+            ResetError::GuardFile(_) => "the guard file could not be written",
+            ResetError::Redis => "redis is unreachable; the fleet's login counts were not reset",
+        }
+    }
+}
+
 impl TokenManager {
     /// The readiness latch (SPEC §7): `Ok` once both tokens have been held, whatever the upstream
     /// does afterwards (a paused or cut-off gateway still serves its cache); before that, the
@@ -56,6 +83,10 @@ impl TokenManager {
             } else if g.backoff_until.is_some_and(|u| u > now) {
                 reasons.push(format!("{what} backing off after failures"));
             }
+        }
+        if self.fleet.as_ref().is_some_and(|f| !f.redis().is_up()) {
+            reasons
+                .push("redis unreachable: no session login until it answers (fleet mode)".into());
         }
         if self.upstream.cooldown_until().is_some() {
             reasons.push("upstream is throttling (429 cooldown)".to_string());
@@ -110,8 +141,12 @@ impl TokenManager {
     /// `POST /credentials/reset` (SPEC §7), for the configured username: `rejected` to 0,
     /// `attempts` to 3 (one login before the stop again, so even a mistaken reset allows one
     /// attempt, never two), the pause and the stop lifted. `Err` when the numbers could not be
-    /// stored (the next login is then refused too, as it cannot be recorded).
-    pub async fn reset_login_guard(&self) -> Result<(), String> {
+    /// stored (the next login is then refused too, as it cannot be recorded). In fleet mode
+    /// the fleet's numbers, for every replica.
+    pub async fn reset_login_guard(&self) -> Result<(), ResetError> {
+        if let Some(f) = &self.fleet {
+            return self.fleet_reset(f).await;
+        }
         {
             let mut g = self.state.guard(TokenLabel::Session).lock();
             tracing::warn!(
@@ -125,6 +160,6 @@ impl TokenManager {
         }
         let saved = self.save_session_guard().await;
         self.wake.notify_one();
-        saved
+        saved.map_err(ResetError::GuardFile)
     }
 }

@@ -1,23 +1,9 @@
 //! What the token manager keeps between calls, behind one seam: the held tokens, one refresh
 //! lease per token (single-flight), the lockout guards and the store of their numbers.
-//! [`LocalState`] is the in-process version (today's only one); fleet mode (SPEC §10) puts a
-//! Redis version behind [`CredentialState`] without touching the token manager or the request
-//! path.
-//!
-//! # How a Redis version implements each piece
-//! - Held tokens: sealed (AEAD under a key from the config, never plain in Redis) at
-//!   `tsgw:{user}:oauth` / `tsgw:{user}:session` with `PX` = the token's remaining life.
-//!   `held_*` stays synchronous and lock-free: it reads a local `ArcSwapOption` copy, refreshed
-//!   from Redis when the copy is missing or stale; `store_*` writes both.
-//! - Refresh lease: `SET tsgw:{user}:lease:{token} <random> NX PX <call timeout>`; a caller
-//!   that does not get it waits (polls with backoff, or a keyspace notification) and then finds
-//!   the token the holder stored. Dropping the lease releases it with a Lua compare-and-delete
-//!   (only the holder's own value), so an expired lease never frees someone else's.
-//! - Login counts: [`GuardStore`] on a Redis hash per user. Charging an attempt is a Lua script
-//!   that increments `attempts` only below the stop and returns the record, so two processes can
-//!   never both take the last attempt; the working copy in [`CredentialState::guard`] is
-//!   reloaded from it before a login is charged. (Today one process owns the guard file, so
-//!   the copy read at start stays authoritative.)
+//! [`LocalState`] is the only version: in fleet mode (SPEC §10) it keeps the working copies
+//! (tokens adopted from or published to Redis, the guard mirrored from it), and
+//! `credentials/fleet.rs` adds what the replicas share: the sealed tokens, the fleet's lease on
+//! each token call, and the guard's numbers, all in Redis.
 
 use super::guard::Guard;
 use super::store::GuardStore;

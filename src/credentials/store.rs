@@ -5,7 +5,8 @@
 //! for the life of the process (the data file itself is replaced on every write, so it cannot
 //! carry the lock). Every write goes to a temporary file, is synced, renamed over the data file,
 //! and the directory is synced, so a crash leaves either the old numbers or the new ones.
-//! Fleet mode (SPEC §10) puts a Redis implementation behind the same trait.
+//! In fleet mode (SPEC §10) the fleet's numbers live in Redis; a guard file, when configured,
+//! keeps this replica's memory of them (with their epoch).
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -40,6 +41,14 @@ pub struct Record {
     /// tells a restart with changed credentials from one with the same.
     #[serde(default)]
     pub fingerprint: String,
+    /// Fleet mode: the epoch (Redis's time, ms, of the last accepted login or reset) these
+    /// numbers belong to; 0 in a single process.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub epoch: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 pub type SaveFuture<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;

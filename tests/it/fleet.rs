@@ -59,6 +59,9 @@ async fn a_replica_follows_redis_down_and_back_without_a_restart() {
         serde_json::json!({"configured": true, "connected": true, "degraded_since": null})
     );
     assert_eq!(metric(&admin, "thingspace_gateway_redis_up").await, 1.0);
+    // Ready first (a fleet's first login waits for the guard's grace): no login while down.
+    let ready = async || get(&format!("{admin}/readyz")).await.status == StatusCode::OK;
+    assert!(eventually(10, ready).await, "never ready");
 
     redis.kill();
     assert!(

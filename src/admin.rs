@@ -1,7 +1,7 @@
 //! The admin API (`server.admin_listen`): metrics, probes, status and cache purges.
 
 use crate::api::ClientApi;
-use crate::cache::PageCache;
+use crate::cache::{NotShared, PageCache};
 use crate::config::Settings;
 use crate::credentials::TokenManager;
 use crate::error::GatewayError;
@@ -220,9 +220,9 @@ impl Handler for AdminApi {
                 if let Err(e) = self.authorize_change(&req) {
                     return e.to_response();
                 }
-                let n = g.cache.purge_all().await;
-                tracing::info!(purged = n, "cache purged");
-                json_value(StatusCode::OK, &json!({"purged": n}))
+                let purged = g.cache.purge_all().await;
+                tracing::info!(purged = purged.unwrap_or_else(|e| e.purged), "cache purged");
+                purge_response(purged)
             }
             "/cache" => method_not_allowed("DELETE"),
             "/credentials/reset" | "/config/reload" if req.method() == Method::POST => {
@@ -244,9 +244,12 @@ impl Handler for AdminApi {
                     if let Err(e) = self.authorize_change(&req) {
                         return e.to_response();
                     }
-                    let n = g.cache.purge_account(account).await;
-                    tracing::info!(purged = n, "account purged from cache");
-                    let mut r = json_value(StatusCode::OK, &json!({"purged": n}));
+                    let purged = g.cache.purge_account(account).await;
+                    tracing::info!(
+                        purged = purged.unwrap_or_else(|e| e.purged),
+                        "account purged from cache"
+                    );
+                    let mut r = purge_response(purged);
                     r.headers_mut()
                         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
                     r
@@ -257,6 +260,29 @@ impl Handler for AdminApi {
                 }
                 None => not_found(),
             },
+        }
+    }
+}
+
+/// `{"purged": N}` (N: entries this replica held). In fleet mode, when Redis did not take the
+/// purge, this replica's L1 is purged but the fleet's is not: 503 with `Retry-After: 1`, so the
+/// operator (or the script) tries again.
+fn purge_response(purged: Result<u64, NotShared>) -> Response<Body> {
+    match purged {
+        Ok(n) => json_value(StatusCode::OK, &json!({"purged": n})),
+        Err(e) => {
+            let mut r = json_value(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({
+                    "purged": e.purged,
+                    "errorCode": "GW_REDIS_UNAVAILABLE",
+                    "errorMessage": "Purged on this replica only: Redis is not answering, so the \
+                                     other replicas and the shared cache were not purged. Retry.",
+                }),
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            r
         }
     }
 }

@@ -1,17 +1,21 @@
-//! The page cache (SPEC §6): stored upstream answers with their gzip form and ETag, freshness
-//! decided at read time from each answer's fetch time and the current windows, and coalescing
-//! of concurrent misses.
+//! The page cache (SPEC §6, §10): stored upstream answers with their gzip form and ETag,
+//! freshness decided at read time from each answer's fetch time and the current windows, and
+//! coalescing of concurrent misses; in fleet mode a shared L2 in Redis under the in-process L1.
 //!
 //! - [`entry`]: what is stored ([`StoredEntry`]: versioned, serializable [`EntryMeta`] and the
 //!   bodies) and the in-process extras next to it; freshness against [`Windows`].
 //! - [`clock`]: the wall clock fetch times are written in, following tokio's (paused) time.
-//! - [`store`]: the [`CacheStore`] seam for a shared L2 store and [`MokaStore`], the default.
+//! - [`store`]: the [`CacheStore`] seam, [`MokaStore`] (the L1), and [`L1`] with its purge epoch.
 //! - [`flight`]: [`SingleFlight`], one fetch per key at a time.
+//! - [`fill`]: one fill of a missed key: L2 read, fleet fill lease, upstream fetch.
+//! - [`l2`]: the fleet's shared store in Redis, its purges and the purge subscription.
 //! - [`page`]: what the whole-account endpoints need from a stored page, found once per entry.
 
 pub mod clock;
 pub mod entry;
+pub mod fill;
 pub mod flight;
+pub mod l2;
 pub mod page;
 pub mod store;
 
@@ -19,14 +23,19 @@ pub use entry::{
     gzip_parts, Entry, EntryMeta, Freshness, RefreshClaim, StoredEntry, UnreadableEntry, Windows,
     META_VERSION,
 };
+pub use fill::{FillFailed, FillResult, Filled, Origin, Want};
 pub use flight::{Join, Missed, SingleFlight};
-pub use store::{CacheStore, MokaStore, StoreFuture};
+pub use store::{CacheStore, MokaStore, StoreFuture, L1};
 
 use crate::error::GatewayError;
+use crate::fleet::Redis;
+use crate::util::Shutdown;
 use bytes::Bytes;
 use http::HeaderValue;
+use l2::L2;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::time::Instant;
 
 /// What a cached answer is for.
@@ -44,36 +53,72 @@ pub struct Key {
     pub index: u64,
 }
 
-type Fetched = Result<Arc<Entry>, GatewayError>;
+/// What one fill needs besides the key and the fetch.
+#[derive(Debug, Clone, Copy)]
+pub struct FillOptions {
+    /// The windows of the caller's config (a shared entry is judged by them).
+    pub windows: Windows,
+    pub want: Want,
+    /// How long the fill itself may take (waiting on another replica's fetch included); each
+    /// caller waits for it until its own deadline only.
+    pub deadline: Instant,
+}
 
-/// The cache as the request path sees it: a store plus coalescing of concurrent fetches.
+/// A purge that reached this replica's L1 but not the fleet (Redis did not answer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the purge reached this replica only: redis did not answer")]
+pub struct NotShared {
+    /// Entries dropped from this replica's L1.
+    pub purged: u64,
+}
+
+/// The cache as the request path sees it: the L1 (and in fleet mode the L2 under it) plus
+/// coalescing of concurrent fills.
 pub struct PageCache {
-    store: Arc<dyn CacheStore>,
-    flight: SingleFlight<Key, Fetched>,
+    l1: Arc<L1>,
+    l2: Option<Arc<L2>>,
+    flight: SingleFlight<Key, FillResult>,
     /// Gzip forms of documents assembled from cached pages (whole-account walks), by ETag:
     /// compressed once per version, bounded to an eighth of `cache.max_bytes`.
     derived_gzip: moka::future::Cache<String, Bytes>,
 }
 
 impl PageCache {
-    /// The stored entry for `key`, if any (fresh or not: the caller judges).
+    /// The L1 entry for `key`, if any (fresh or not: the caller judges). Never touches Redis.
     pub async fn get(&self, key: &Key) -> Option<Arc<Entry>> {
-        self.store.get(key).await
+        self.l1.store().get(key).await
     }
 
-    /// Drops every entry of `account`; returns how many.
-    pub async fn purge_account(&self, account: &str) -> u64 {
-        self.store.purge_account(account).await
+    /// Drops every entry of `account`, from the whole fleet in fleet mode; returns how many
+    /// this replica held.
+    pub async fn purge_account(&self, account: &str) -> Result<u64, NotShared> {
+        let purged = self.l1.purge_account(account).await;
+        self.purge_shared(Some(account), purged).await
     }
 
-    /// Drops everything; returns how many entries there were.
-    pub async fn purge_all(&self) -> u64 {
-        self.store.purge_all().await
+    /// Drops everything (from the whole fleet in fleet mode); returns how many entries this
+    /// replica held.
+    pub async fn purge_all(&self) -> Result<u64, NotShared> {
+        let purged = self.l1.purge_all().await;
+        self.purge_shared(None, purged).await
     }
 
-    /// `(entries, bytes)` after pending maintenance.
+    async fn purge_shared(&self, account: Option<&str>, purged: u64) -> Result<u64, NotShared> {
+        match &self.l2 {
+            None => Ok(purged),
+            Some(l2) => match l2.purge(account).await {
+                Ok(()) => Ok(purged),
+                Err(e) => {
+                    tracing::warn!(error = %e, "purge not shared with the fleet");
+                    Err(NotShared { purged })
+                }
+            },
+        }
+    }
+
+    /// `(entries, bytes)` of the L1 after pending maintenance.
     pub async fn size(&self) -> (u64, u64) {
-        self.store.size().await
+        self.l1.store().size().await
     }
 
     /// `windows` bound how long derived document forms are kept.
@@ -84,33 +129,64 @@ impl PageCache {
             .time_to_live(windows.ttl + windows.stale_while_revalidate)
             .build();
         Self {
-            store,
+            l1: Arc::new(L1::new(store)),
+            l2: None,
             flight: SingleFlight::new(),
             derived_gzip,
         }
     }
 
-    /// Runs `fetch` once per key however many callers ask at the same time (see [`flight`]);
-    /// its entry is stored before anyone is answered; every caller waits at most until its own
-    /// `deadline`.
-    pub async fn fetch<F>(&self, key: Key, deadline: Instant, fetch: F) -> (Fetched, Join)
+    /// Fleet mode: the shared L2 in `redis` under the L1 (`connect_timeout` bounds making the
+    /// purge subscription). `None` leaves the cache in-process only.
+    pub fn with_shared(mut self, redis: Option<Arc<Redis>>, connect_timeout: Duration) -> Self {
+        self.l2 = redis.map(|r| Arc::new(L2::new(r, connect_timeout)));
+        self
+    }
+
+    /// In fleet mode: subscribes to the fleet's purges (one attempt, within the connect
+    /// timeout, when Redis is up) and runs the loop that keeps the L1 in step until `shutdown`.
+    pub async fn start_sync(&self, shutdown: Shutdown) -> Option<tokio::task::JoinHandle<()>> {
+        let l2 = self.l2.clone()?;
+        let first = l2::sync::subscribe(&l2).await;
+        Some(tokio::spawn(l2::sync::run(
+            l2,
+            self.l1.clone(),
+            first,
+            shutdown,
+        )))
+    }
+
+    /// Fills `key` (see [`fill`]): one fill per key however many callers ask at the same time,
+    /// and in fleet mode one upstream fetch for the fleet. Its entry is in the L1 before anyone
+    /// is answered; every caller waits at most until its own `wait_until`.
+    pub async fn fill<F>(
+        &self,
+        key: Key,
+        wait_until: Instant,
+        options: FillOptions,
+        fetch: F,
+    ) -> (FillResult, Join)
     where
-        F: Future<Output = Fetched> + Send + 'static,
+        F: Future<Output = Result<Arc<Entry>, GatewayError>> + Send + 'static,
     {
-        let store = self.store.clone();
-        let stored_key = key.clone();
-        let fetch_and_store = async move {
-            let result = fetch.await;
-            if let Ok(entry) = &result {
-                store.put(stored_key, entry.clone()).await;
-            }
-            result
+        let job = fill::Fill {
+            l1: self.l1.clone(),
+            l2: self.l2.clone(),
+            key: key.clone(),
+            windows: options.windows,
+            want: options.want,
+            deadline: options.deadline,
         };
-        let (result, join) = self.flight.run(key, deadline, fetch_and_store).await;
+        let (result, join) = self.flight.run(key, wait_until, job.run(fetch)).await;
         let result = match result {
-            Ok(fetched) => fetched,
-            Err(Missed::Deadline) => Err(GatewayError::UpstreamTimeout),
-            Err(Missed::Died) => Err(GatewayError::BadGateway("upstream fetch failed".into())),
+            Ok(filled) => filled,
+            Err(missed) => Err(FillFailed {
+                error: match missed {
+                    Missed::Deadline => GatewayError::UpstreamTimeout,
+                    Missed::Died => GatewayError::BadGateway("upstream fetch failed".into()),
+                },
+                stale: None,
+            }),
         };
         (result, join)
     }
@@ -175,7 +251,14 @@ pub(crate) mod fixtures {
 mod tests {
     use super::fixtures::*;
     use super::*;
-    use std::time::Duration;
+
+    fn options(deadline: Instant) -> FillOptions {
+        FillOptions {
+            windows: windows(),
+            want: Want::Usable,
+            deadline,
+        }
+    }
 
     #[tokio::test]
     async fn a_fetch_that_panics_answers_its_waiters_and_frees_the_key() {
@@ -190,7 +273,7 @@ mod tests {
             let cache = cache.clone();
             async move {
                 cache
-                    .fetch(page_key(), deadline, async move {
+                    .fill(page_key(), deadline, options(deadline), async move {
                         let _ = gate_rx.await;
                         panic!("the budget panicked");
                     })
@@ -202,7 +285,9 @@ mod tests {
             let cache = cache.clone();
             async move {
                 cache
-                    .fetch(page_key(), deadline, async { unreachable!("coalesced") })
+                    .fill(page_key(), deadline, options(deadline), async {
+                        unreachable!("coalesced")
+                    })
                     .await
             }
         });
@@ -211,15 +296,17 @@ mod tests {
         for (task, join) in [(leader, Join::Leader), (waiter, Join::Coalesced)] {
             let (result, joined) = task.await.unwrap();
             assert_eq!(joined, join);
-            assert_eq!(result.unwrap_err().error_code(), "GW_BAD_GATEWAY");
+            assert_eq!(result.unwrap_err().error.error_code(), "GW_BAD_GATEWAY");
         }
         // The next request for the key fetches again.
         let (result, join) = cache
-            .fetch(page_key(), deadline, async { Ok(entry(200, b"{}")) })
+            .fill(page_key(), deadline, options(deadline), async {
+                Ok(entry(200, b"{}"))
+            })
             .await;
         assert_eq!(join, Join::Leader);
-        assert!(result.is_ok());
-        assert!(cache.store.get(&page_key()).await.is_some());
+        assert_eq!(result.unwrap().origin, Origin::Upstream);
+        assert!(cache.get(&page_key()).await.is_some());
     }
 
     #[tokio::test(start_paused = true)]
@@ -231,8 +318,16 @@ mod tests {
         );
         let deadline = Instant::now() + Duration::from_secs(1);
         let (result, _) = cache
-            .fetch(page_key(), deadline, std::future::pending())
+            .fill(
+                page_key(),
+                deadline,
+                options(deadline),
+                std::future::pending(),
+            )
             .await;
-        assert_eq!(result.unwrap_err().error_code(), "GW_UPSTREAM_TIMEOUT");
+        assert_eq!(
+            result.unwrap_err().error.error_code(),
+            "GW_UPSTREAM_TIMEOUT"
+        );
     }
 }

@@ -4,7 +4,10 @@
 
 pub mod answer;
 
-use crate::cache::{clock, Entry, Freshness, Join, Key, Kind, PageCache, RefreshClaim, Windows};
+use crate::cache::{
+    clock, Entry, FillFailed, FillOptions, Filled, Freshness, Join, Key, Kind, Origin, PageCache,
+    RefreshClaim, Want, Windows,
+};
 use crate::clients::Principal;
 use crate::config::{Config, Settings};
 use crate::credentials::TokenManager;
@@ -209,8 +212,9 @@ pub async fn fetch_entry(
 
 impl Reader {
     /// The cache step: fresh → HIT; stale within `stale_while_revalidate` → STALE plus one
-    /// background refresh; otherwise one coalesced fetch, falling back to a stale copy within
-    /// `stale_if_error` when the upstream fails or is being protected.
+    /// background refresh; otherwise one coalesced fill (in fleet mode the shared L2 first: a
+    /// page another replica fetched is a HIT, or STALE by its age, never a MISS), falling back to
+    /// a stale copy within `stale_if_error` when the upstream fails or is being protected.
     pub async fn cached(
         self: &Arc<Self>,
         key: Key,
@@ -237,29 +241,63 @@ impl Reader {
             }
         }
         let attempts = Arc::new(AtomicU32::new(0));
+        let fetch_deadline = ctx.started + ctx.cfg.server.request_timeout.0;
         let fetch = fetch_entry(
             self.clone(),
             key.clone(),
             ctx.who.clone(),
             ctx.request_id.clone(),
-            ctx.started + ctx.cfg.server.request_timeout.0,
+            fetch_deadline,
             attempts.clone(),
         );
-        let (result, join) = self.cache.fetch(key, ctx.deadline, fetch).await;
+        let options = FillOptions {
+            windows,
+            want: Want::Usable,
+            deadline: fetch_deadline,
+        };
+        let (result, join) = self
+            .cache
+            .fill(key.clone(), ctx.deadline, options, fetch)
+            .await;
         if join == Join::Leader {
             ctx.attempts
                 .fetch_add(attempts.load(Ordering::Relaxed), Ordering::Relaxed);
         }
+        let coalesced = join == Join::Coalesced;
         match result {
-            Ok(e) => {
-                self.metrics.lookup(join == Join::Coalesced);
-                Ok((e, CacheResult::Miss))
+            Ok(Filled {
+                entry,
+                origin: Origin::Upstream,
+            }) => {
+                self.metrics.lookup(coalesced);
+                Ok((entry, CacheResult::Miss))
             }
-            Err(err) => {
+            Ok(Filled {
+                entry,
+                origin: Origin::Shared,
+            }) => {
+                // Answered from the L2: counted once as l2_hit (its joiners as coalesced).
+                if coalesced {
+                    self.metrics.lookup_coalesced.inc();
+                } else {
+                    self.metrics.lookup_l2_hit.inc();
+                }
+                match entry.freshness(now, &windows) {
+                    Freshness::Fresh => Ok((entry, CacheResult::Hit)),
+                    _ => {
+                        if let Some(claim) = entry.claim_refresh() {
+                            self.spawn_refresh(key, claim, ctx.request_id.clone());
+                        }
+                        Ok((entry, CacheResult::Stale))
+                    }
+                }
+            }
+            Err(FillFailed { error: err, stale }) => {
                 if let Some(t) = err.throttle() {
                     self.metrics.throttled(t.label());
                 }
                 match existing
+                    .or(stale)
                     .filter(|e| err.stale_eligible() && e.usable_on_error(clock::now(), &windows))
                 {
                     Some(e) => {
@@ -268,7 +306,7 @@ impl Reader {
                         Ok((e, CacheResult::Stale))
                     }
                     None => {
-                        self.metrics.lookup(join == Join::Coalesced);
+                        self.metrics.lookup(coalesced);
                         Err(err)
                     }
                 }
@@ -277,11 +315,19 @@ impl Reader {
     }
 
     /// The claim is given back when the refresh fails or its task dies, so a later request can
-    /// start another; it stays taken once a new entry replaced the stale one.
+    /// start another; it stays taken once a new entry replaced the stale one. In fleet mode one
+    /// replica refreshes (the fill lease); the others take its answer from the L2.
     fn spawn_refresh(self: &Arc<Self>, key: Key, claim: RefreshClaim, request_id: HeaderValue) {
         let g = self.clone();
         tokio::spawn(async move {
-            let deadline = Instant::now() + g.config().server.request_timeout.0;
+            let cfg = g.config();
+            let deadline = Instant::now() + cfg.server.request_timeout.0;
+            let options = FillOptions {
+                windows: Windows::from_config(&cfg.cache),
+                want: Want::Fresh,
+                deadline,
+            };
+            drop(cfg);
             // The gateway's own work: no client waits for it.
             let fetch = fetch_entry(
                 g.clone(),
@@ -291,10 +337,10 @@ impl Reader {
                 deadline,
                 Default::default(),
             );
-            match g.cache.fetch(key, deadline, fetch).await.0 {
+            match g.cache.fill(key, deadline, options, fetch).await.0 {
                 Ok(_) => claim.refreshed(),
                 Err(e) => {
-                    tracing::warn!(error = %e, "background refresh failed; the stale copy stays");
+                    tracing::warn!(error = %e.error, "background refresh failed; the stale copy stays");
                 }
             }
         });

@@ -192,11 +192,14 @@ impl Gateway {
             None => TokenManager::new(up, creds, token_settings, m, guard_store),
         });
         let windows = Windows::from_config(&cfg.cache);
-        let cache = Arc::new(PageCache::new(
-            Arc::new(MokaStore::new(cfg.cache.max_bytes.0, windows)),
-            cfg.cache.max_bytes.0,
-            windows,
-        ));
+        let cache = Arc::new(
+            PageCache::new(
+                Arc::new(MokaStore::new(cfg.cache.max_bytes.0, windows)),
+                cfg.cache.max_bytes.0,
+                windows,
+            )
+            .with_shared(redis.clone(), cfg.redis.connect_timeout.0),
+        );
         let clients = Clients::new(&cfg.clients)?;
         let settings = Settings::new(cfg);
         let reader = Arc::new(Reader::new(
@@ -348,6 +351,7 @@ impl Running {
         if let Some(redis) = &gateway.redis {
             redis.start(shutdown.clone()).await;
         }
+        let cache_sync = gateway.cache.start_sync(shutdown.clone()).await;
         let client_opts = {
             let g = gateway.clone();
             move || g.serve_options(true)
@@ -373,6 +377,7 @@ impl Running {
                 shutdown,
             )),
         ];
+        tasks.extend(cache_sync);
         tasks.extend(reload::spawn_sighup(&gateway));
         Ok(Running {
             tls: s.tls_cert.is_some(),

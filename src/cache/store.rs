@@ -1,11 +1,11 @@
-//! Where entries live: the [`CacheStore`] seam and [`MokaStore`], the in-process default,
-//! weighed by stored bytes and bounded by `cache.max_bytes`. A shared store (Redis L2) implements
-//! the same calls, keeping [`super::StoredEntry`] and rebuilding entries with
-//! [`super::Entry::from_stored`].
+//! Where entries live in-process: the [`CacheStore`] seam and [`MokaStore`], the default,
+//! weighed by stored bytes and bounded by `cache.max_bytes`; [`L1`] puts the purge epoch next to
+//! the store. The fleet's shared store (Redis) sits under it: [`super::l2`].
 
 use super::{Entry, Key, Windows};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +16,7 @@ pub trait CacheStore: Send + Sync + 'static {
     fn get<'a>(&'a self, key: &'a Key) -> StoreFuture<'a, Option<Arc<Entry>>>;
     /// Stores `entry` under `key`, replacing what was there.
     fn put(&self, key: Key, entry: Arc<Entry>) -> StoreFuture<'_, ()>;
+    fn remove<'a>(&'a self, key: &'a Key) -> StoreFuture<'a, ()>;
     /// Drops every entry of `account`; returns how many.
     fn purge_account<'a>(&'a self, account: &'a str) -> StoreFuture<'a, u64>;
     fn purge_all(&self) -> StoreFuture<'_, u64>;
@@ -81,6 +82,10 @@ impl CacheStore for MokaStore {
         Box::pin(self.cache.insert(key, entry))
     }
 
+    fn remove<'a>(&'a self, key: &'a Key) -> StoreFuture<'a, ()> {
+        Box::pin(self.cache.invalidate(key))
+    }
+
     fn purge_account<'a>(&'a self, account: &'a str) -> StoreFuture<'a, u64> {
         Box::pin(async move {
             let keys: Vec<Arc<Key>> = self
@@ -111,6 +116,53 @@ impl CacheStore for MokaStore {
             self.cache.run_pending_tasks().await;
             (self.cache.entry_count(), self.cache.weighted_size())
         })
+    }
+}
+
+/// The in-process store (L1) and its purge epoch: a fill that began before a purge does not
+/// put what it fetched back into the store (it still answers its callers).
+pub struct L1 {
+    store: Arc<dyn CacheStore>,
+    epoch: AtomicU64,
+}
+
+impl L1 {
+    pub fn new(store: Arc<dyn CacheStore>) -> Self {
+        Self {
+            store,
+            epoch: AtomicU64::new(0),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn CacheStore> {
+        &self.store
+    }
+
+    /// Taken when a fill begins; see [`L1::put_unless_purged`].
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Stores `entry` unless a purge came since `epoch`. A purge that lands while the entry goes
+    /// in takes it out again.
+    pub async fn put_unless_purged(&self, key: Key, entry: Arc<Entry>, epoch: u64) {
+        if self.epoch() != epoch {
+            return;
+        }
+        self.store.put(key.clone(), entry).await;
+        if self.epoch() != epoch {
+            self.store.remove(&key).await;
+        }
+    }
+
+    pub async fn purge_account(&self, account: &str) -> u64 {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.store.purge_account(account).await
+    }
+
+    pub async fn purge_all(&self) -> u64 {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.store.purge_all().await
     }
 }
 

@@ -5,13 +5,15 @@
 //! 2. otherwise take the key's fill lease: the holder fetches from the upstream, puts the answer
 //!    into the L1 and then (off the answer's path) into the L2, and releases the lease;
 //! 3. a replica that finds the lease taken waits for it to go (polling, backing off up to
-//!    [`POLL_MAX`]) and reads again, until its own deadline.
+//!    [`POLL_MAX`]) and reads again, until its own deadline; when the holder stops renewing it
+//!    (it lost Redis mid-fill, or died), the waiter fetches itself instead of waiting out the
+//!    lease.
 //!
 //! Any Redis failure on the way (down, timing out) falls back to the local fill at once: the
 //! upstream fetch, single-flight within this replica only. No step waits on Redis longer than
 //! `redis.command_timeout`.
 
-use super::l2::{Lease, Leasing, L2, LEASE_RENEW_EVERY};
+use super::l2::{Lease, Leasing, L2, LEASE_RENEW_EVERY, LEASE_STALLED_AFTER, LEASE_TTL};
 use super::store::L1;
 use super::{clock, Entry, Freshness, Key, Windows};
 use crate::error::GatewayError;
@@ -115,7 +117,11 @@ impl Fill {
                 }
                 Ok(Leasing::Changed) => continue,
                 Ok(Leasing::Busy) => match self.wait_for_other(&l2).await {
-                    Ok(_) => continue,
+                    Ok(Waited::Gone | Waited::Deadline) => continue,
+                    Ok(Waited::Stalled) => {
+                        tracing::debug!("a fill lease is no longer renewed; fetching here");
+                        return self.fetch_locally(fetch, epoch, stale).await;
+                    }
                     Err(_) => return self.fetch_locally(fetch, epoch, stale).await,
                 },
                 Err(_) => return self.fetch_locally(fetch, epoch, stale).await,
@@ -189,22 +195,31 @@ impl Fill {
             .await
     }
 
-    /// Waits until no replica holds the key's lease; Ok(false) when the deadline came first.
-    async fn wait_for_other(&self, l2: &L2) -> Result<bool, crate::fleet::RedisError> {
+    /// Waits until no replica holds the key's lease, its holder stops renewing it, or the
+    /// deadline comes.
+    async fn wait_for_other(&self, l2: &L2) -> Result<Waited, crate::fleet::RedisError> {
         let mut pause = POLL_FIRST;
         loop {
             let wake = Instant::now() + pause;
             if wake >= self.deadline {
                 tokio::time::sleep_until(self.deadline).await;
-                return Ok(false);
+                return Ok(Waited::Deadline);
             }
             tokio::time::sleep_until(wake).await;
-            if !l2.lease_held(&self.key).await? {
-                return Ok(true);
+            match l2.lease_left(&self.key).await? {
+                None => return Ok(Waited::Gone),
+                Some(left) if left + LEASE_STALLED_AFTER < LEASE_TTL => return Ok(Waited::Stalled),
+                Some(_) => {}
             }
             pause = (pause * 2).min(POLL_MAX);
         }
     }
+}
+
+enum Waited {
+    Gone,
+    Stalled,
+    Deadline,
 }
 
 /// Stops renewing a lease when the fetch ends, however it ends.

@@ -27,11 +27,13 @@ use redis::Script;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How long a fill lease lives unless its holder renews it: a holder that dies blocks the key
-/// for the fleet at most this long.
-pub const LEASE_TTL: Duration = Duration::from_secs(3);
+/// How long a fill lease lives unless its holder renews it.
+pub const LEASE_TTL: Duration = Duration::from_secs(2);
 /// How often a holder renews its lease while its fetch runs.
-pub const LEASE_RENEW_EVERY: Duration = Duration::from_secs(1);
+pub const LEASE_RENEW_EVERY: Duration = Duration::from_millis(250);
+/// A lease not renewed for this long belongs to a holder that lost Redis or died: its waiters
+/// stop waiting and fetch themselves (a replica that lost Redis mid-fill cannot release it).
+pub const LEASE_STALLED_AFTER: Duration = Duration::from_millis(750);
 /// Purge generations outlive the pages filled under them (a page whose generation key expired
 /// is only fetched again).
 const GENERATION_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -269,16 +271,19 @@ impl L2 {
         Ok(renewed == 1)
     }
 
-    /// Whether any replica holds the fill lease of `key`.
-    pub async fn lease_held(&self, key: &Key) -> Result<bool, RedisError> {
+    /// What is left of the fill lease of `key` (None: no replica holds it).
+    pub async fn lease_left(&self, key: &Key) -> Result<Option<Duration>, RedisError> {
         let k = self.keys(key);
-        let n: i64 = self
+        let ms: i64 = self
             .redis
-            .call(
-                |mut c| async move { redis::cmd("EXISTS").arg(&k.fill).query_async(&mut c).await },
-            )
+            .call(|mut c| async move { redis::cmd("PTTL").arg(&k.fill).query_async(&mut c).await })
             .await?;
-        Ok(n == 1)
+        Ok(match ms {
+            -2 => None,
+            // No expiry: not written by this build; treat it as freshly renewed.
+            -1 => Some(LEASE_TTL),
+            ms => Some(Duration::from_millis(ms.max(0) as u64)),
+        })
     }
 
     /// Stores `entry` (fetched under `lease`) for as long as it is servable under `windows`,

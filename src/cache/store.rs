@@ -265,6 +265,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_fill_that_began_before_a_purge_is_not_kept() {
+        let l1 = L1::new(Arc::new(MokaStore::new(1 << 20, windows())));
+        let before = l1.epoch();
+        l1.put_unless_purged(page_key(), entry(200, b"{}"), before)
+            .await;
+        assert!(l1.store().get(&page_key()).await.is_some());
+        assert_eq!(l1.purge_account("a").await, 1);
+        // Began before the purge, lands after it: not stored.
+        l1.put_unless_purged(page_key(), entry(200, b"{}"), before)
+            .await;
+        assert!(l1.store().get(&page_key()).await.is_none());
+        l1.put_unless_purged(page_key(), entry(200, b"{}"), l1.epoch())
+            .await;
+        assert!(l1.store().get(&page_key()).await.is_some());
+        assert_eq!(l1.purge_all().await, 1);
+        assert!(l1.epoch() > before);
+    }
+
+    #[tokio::test]
     async fn purge_one_account() {
         let store = MokaStore::new(1 << 20, windows());
         for (acct, i) in [("a", 0), ("a", 1), ("b", 0)] {

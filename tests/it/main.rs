@@ -7,6 +7,7 @@ mod cache;
 mod common;
 mod config_files;
 mod fleet;
+mod fleet_cache;
 mod fleet_tokens;
 mod fleet_upstream;
 mod fuzz;

@@ -339,6 +339,49 @@ async fn a_replica_whose_purge_subscription_dropped_empties_its_l1() {
     }
 }
 
+/// SIGSTOP keeps the subscription's socket open: only the rejoin tells the replica it may have
+/// missed purges.
+#[tokio::test]
+async fn a_replica_that_rejoins_empties_its_l1() {
+    let sim = start_sim(sim_opts()).await;
+    let redis = RedisServer::start().await;
+    let gw = start_gateway(fleet_config(&sim.base_url(), &redis, OPEN_BUDGET)).await;
+    let admin = gw.admin_url();
+    let account = sim.account_names()[0].clone();
+    assert_eq!(
+        get(&page_url(&gw, &account, 0)).await.status,
+        StatusCode::OK
+    );
+    redis.pause();
+    assert!(
+        eventually(10, async || metric(&admin, "thingspace_gateway_redis_up")
+            .await
+            == 0.0)
+        .await
+    );
+    // Served from the L1 while Redis is down; a page fetched meanwhile is kept there too.
+    let r = get(&page_url(&gw, &account, 0)).await;
+    assert_eq!((r.status, r.header("x-cache")), (StatusCode::OK, "HIT"));
+    let r = get(&page_url(&gw, &account, at(&sim, &account, 1))).await;
+    assert_eq!((r.status, r.header("x-cache")), (StatusCode::OK, "MISS"));
+    assert_eq!(l1_entries(&gw).await, 2);
+    redis.resume();
+    assert!(
+        eventually(10, async || metric(&admin, "thingspace_gateway_redis_up")
+            .await
+            == 1.0)
+        .await
+    );
+    assert!(
+        eventually(2, async || l1_entries(&gw).await == 0).await,
+        "L1 kept what it cached before it rejoined"
+    );
+    // Page 0 is still in Redis: a HIT from there, not a new upstream call.
+    let r = get(&page_url(&gw, &account, 0)).await;
+    assert_eq!((r.status, r.header("x-cache")), (StatusCode::OK, "HIT"));
+    assert_eq!(sim.count("licenses"), 2);
+}
+
 #[tokio::test]
 async fn answers_over_l2_max_entry_bytes_stay_in_the_replica() {
     let sim = start_sim(sim_opts()).await;

@@ -69,6 +69,8 @@ pub async fn run(l2: Arc<L2>, l1: Arc<L1>, first: Option<Subscription>, shutdown
     let mut joined = redis.joined();
     joined.borrow_and_update();
     let mut current = first;
+    // One warning per stretch of failed subscriptions while Redis otherwise answers.
+    let mut warned = false;
     loop {
         let Some(mut sub) = current.take() else {
             tokio::select! {
@@ -85,6 +87,13 @@ pub async fn run(l2: Arc<L2>, l1: Arc<L1>, first: Option<Subscription>, shutdown
             if current.is_some() {
                 let n = l1.purge_all().await;
                 tracing::info!(dropped = n, "purge subscription made again; L1 emptied");
+                warned = false;
+            } else if redis.is_up() && !warned {
+                tracing::warn!(
+                    "cannot subscribe to the fleet's purges although redis answers; trying every \
+                     second (purges from other replicas do not reach this one meanwhile)"
+                );
+                warned = true;
             }
             continue;
         };

@@ -72,51 +72,72 @@ pub async fn run(l2: Arc<L2>, l1: Arc<L1>, first: Option<Subscription>, shutdown
     // One warning per stretch of failed subscriptions while Redis otherwise answers.
     let mut warned = false;
     loop {
-        let Some(mut sub) = current.take() else {
-            tokio::select! {
-                _ = tokio::time::sleep(PROBE_EVERY) => {}
-                changed = joined.changed() => {
-                    if changed.is_err() {
-                        return;
+        match current.take() {
+            Some(sub) => match listen(sub, &l1, &mut joined, &shutdown).await {
+                Ended::Shutdown => return,
+                Ended::Dropped => tracing::warn!("purge subscription dropped; resubscribing"),
+                Ended::Rejoined => {}
+            },
+            None => {
+                tokio::select! {
+                    _ = tokio::time::sleep(PROBE_EVERY) => {}
+                    changed = joined.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        rejoined(&l1).await;
                     }
-                    rejoined(&l1).await;
+                    _ = shutdown.wait() => return,
                 }
-                _ = shutdown.wait() => return,
-            }
-            current = subscribe(&l2).await;
-            if current.is_some() {
-                let n = l1.purge_all().await;
-                tracing::info!(dropped = n, "purge subscription made again; L1 emptied");
-                warned = false;
-            } else if redis.is_up() && !warned {
-                tracing::warn!(
-                    "cannot subscribe to the fleet's purges although redis answers; trying every \
-                     second (purges from other replicas do not reach this one meanwhile)"
-                );
-                warned = true;
-            }
-            continue;
-        };
-        loop {
-            tokio::select! {
-                push = sub.pushes.recv() => match push {
-                    Some(p) if p.kind == PushKind::Message => apply(&l1, &p).await,
-                    Some(p) if p.kind == PushKind::Disconnection => break,
-                    Some(_) => {}
-                    None => break,
-                },
-                changed = joined.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                    rejoined(&l1).await;
-                    // The subscription may have hung with the link: make it again.
-                    break;
-                }
-                _ = shutdown.wait() => return,
             }
         }
-        tracing::warn!("purge subscription dropped; resubscribing");
+        current = subscribe(&l2).await;
+        if current.is_some() {
+            let n = l1.purge_all().await;
+            tracing::info!(dropped = n, "purge subscription made again; L1 emptied");
+            warned = false;
+        } else if redis.is_up() && !warned {
+            tracing::warn!(
+                "cannot subscribe to the fleet's purges although redis answers; trying every \
+                 second (purges from other replicas do not reach this one meanwhile)"
+            );
+            warned = true;
+        }
+    }
+}
+
+enum Ended {
+    Shutdown,
+    /// The connection closed.
+    Dropped,
+    /// The main link rejoined (the L1 is emptied): the subscription may have hung with it.
+    Rejoined,
+}
+
+/// Applies purge messages until the subscription ends, the main link rejoins, or shutdown.
+async fn listen(
+    mut sub: Subscription,
+    l1: &L1,
+    joined: &mut tokio::sync::watch::Receiver<u64>,
+    shutdown: &Shutdown,
+) -> Ended {
+    loop {
+        tokio::select! {
+            push = sub.pushes.recv() => match push {
+                Some(p) if p.kind == PushKind::Message => apply(l1, &p).await,
+                Some(p) if p.kind == PushKind::Disconnection => return Ended::Dropped,
+                Some(_) => {}
+                None => return Ended::Dropped,
+            },
+            changed = joined.changed() => {
+                if changed.is_err() {
+                    return Ended::Shutdown;
+                }
+                rejoined(l1).await;
+                return Ended::Rejoined;
+            }
+            _ = shutdown.wait() => return Ended::Shutdown,
+        }
     }
 }
 

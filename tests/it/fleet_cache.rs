@@ -352,6 +352,9 @@ async fn a_replica_that_rejoins_empties_its_l1() {
         get(&page_url(&gw, &account, 0)).await.status,
         StatusCode::OK
     );
+    // In Redis (written just after the answer) before Redis stops.
+    let key = format!("tsgw:page:p:{account}:0");
+    assert!(eventually(2, async || redis.cmd::<i64>(&["EXISTS", &key]).await == 1).await);
     redis.pause();
     assert!(
         eventually(10, async || metric(&admin, "thingspace_gateway_redis_up")

@@ -344,6 +344,12 @@ async fn without_redis_no_login_and_back_the_replicas_share_one_token_again() {
     );
     assert_eq!(sim.count("session_login"), 1, "{}", sim.stats());
     assert_eq!(sim.count("oauth_token"), 1, "{}", sim.stats());
+    // Back in the fleet, a replica empties its L1 (it may have missed purges, SPEC §10): cache
+    // the page again before the next outage.
+    let admin = gws[1].admin_url();
+    let l1_empty = async || get(&format!("{admin}/status")).await.json()["cache"]["entries"] == 0;
+    assert!(eventually(5, l1_empty).await);
+    assert_eq!(page(&gws[1], &sim, 0).await.status, StatusCode::OK);
 
     // Down with the session expired upstream: a request that needs a new session gets 503
     // (not 502), cached pages still answer, and no replica logs in until Redis is back.

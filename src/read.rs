@@ -197,12 +197,11 @@ pub async fn fetch_entry(
             .get(header::CONTENT_TYPE)
             .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok())
             .unwrap_or(crate::respond::JSON);
-        return Ok(Arc::new(Entry::new(
-            resp.status,
-            content_type,
-            resp.body,
-            clock::now(),
-        )));
+        let entry = Entry::new(resp.status, content_type, resp.body, clock::now());
+        // The answer goes out now; its gzip form is made off the async workers and joins the
+        // entry when ready (gzip requests get the identity body until then).
+        entry.compress_later();
+        return Ok(Arc::new(entry));
     }
     Err(GatewayError::UpstreamAuthFailed(BEARER_REFUSED))
 }

@@ -149,7 +149,9 @@ pub fn respond(view: View, result: CacheResult, ctx: &Ctx) -> Response<Body> {
     resp
 }
 
-/// The response for one stored entry at `now`, with the current windows.
+/// The response for one stored entry at `now`, with the current windows. A gzip client that
+/// finds no gzip form yet gets the identity body, and asks for the form to be made if it was
+/// skipped (a full compressor queue, or an entry read from a store without one).
 pub fn entry_response(
     e: &Entry,
     result: CacheResult,
@@ -157,6 +159,9 @@ pub fn entry_response(
     now: SystemTime,
     w: &Windows,
 ) -> Response<Body> {
+    if ctx.accept_gzip && e.gzip().is_none() {
+        e.compress_later();
+    }
     respond(View::of_entry(e, now, w), result, ctx)
 }
 
@@ -192,6 +197,7 @@ mod tests {
             Bytes::from(body),
             SystemTime::now(),
         );
+        e.compress_now();
         let w = windows();
         for (gzip, cached) in [(false, e.body()), (true, e.gzip().unwrap())] {
             let r = entry_response(
@@ -233,6 +239,48 @@ mod tests {
             r.headers()[header::CONTENT_LENGTH],
             e.gzip().unwrap().len().to_string().as_str()
         );
+    }
+
+    /// A gzip client that comes before the gzip form is made is answered at once, with the
+    /// identity body and the same ETag; the form then comes and is sent from then on.
+    #[tokio::test]
+    async fn gzip_clients_get_identity_until_the_form_is_made() {
+        let body: Vec<u8> = (0..800)
+            .flat_map(|i| format!("{{\"d\":{i}}},").into_bytes())
+            .collect();
+        let e = Entry::new(
+            StatusCode::OK,
+            crate::respond::JSON,
+            Bytes::from(body),
+            SystemTime::now(),
+        );
+        let w = windows();
+        let r = entry_response(
+            &e,
+            CacheResult::Miss,
+            &ctx(true, false),
+            SystemTime::now(),
+            &w,
+        );
+        assert!(r.headers().get(header::CONTENT_ENCODING).is_none());
+        assert_eq!(r.headers()[header::ETAG], e.etag());
+        assert_eq!(r.body().len(), e.body().len());
+        // That request asked for the form (the fetch asks too; asking twice queues once).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while e.gzip_pending() {
+            assert!(std::time::Instant::now() < deadline, "never compressed");
+            tokio::task::yield_now().await;
+        }
+        let r = entry_response(
+            &e,
+            CacheResult::Hit,
+            &ctx(true, false),
+            SystemTime::now(),
+            &w,
+        );
+        assert_eq!(r.headers()[header::CONTENT_ENCODING], "gzip");
+        assert_eq!(r.headers()[header::ETAG], e.etag());
+        assert_eq!(r.body().len(), e.gzip().unwrap().len());
     }
 
     #[test]

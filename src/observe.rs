@@ -144,6 +144,12 @@ pub struct Metrics {
     pub lookup_coalesced: IntCounter,
     http_ok: Vec<IntCounter>,
     http_hist: Vec<Histogram>,
+    /// `upstream_connections_total{reused="false"}`: upstream responses that came on a new
+    /// connection (its first response).
+    pub upstream_connections_new: IntCounter,
+    /// `upstream_connections_total{reused="true"}`: upstream responses on a connection kept
+    /// alive from an earlier one.
+    pub upstream_connections_reused: IntCounter,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -293,7 +299,15 @@ impl Metrics {
             .iter()
             .map(|route| http_duration.with_label_values(&[route.as_str()]))
             .collect();
+        let upstream_connections = counters(
+            &r,
+            "upstream_connections_total",
+            "Upstream responses by connection: a new one (reused=false) or one kept alive (reused=true).",
+            &["reused"],
+        );
         Metrics {
+            upstream_connections_new: upstream_connections.with_label_values(&["false"]),
+            upstream_connections_reused: upstream_connections.with_label_values(&["true"]),
             lookup_hit: cache_lookups.with_label_values(&["hit"]),
             lookup_miss: cache_lookups.with_label_values(&["miss"]),
             lookup_stale: cache_lookups.with_label_values(&["stale"]),
@@ -468,6 +482,8 @@ mod tests {
             "thingspace_gateway_build_info{version=",
             "thingspace_gateway_circuit_open 0",
             "thingspace_gateway_upstream_inflight 0",
+            "thingspace_gateway_upstream_connections_total{reused=\"false\"} 0",
+            "thingspace_gateway_upstream_connections_total{reused=\"true\"} 0",
             "process_resident_memory_bytes",
         ] {
             assert!(text.contains(needle), "missing {needle}");

@@ -1,8 +1,9 @@
 //! Gzip forms, made off the async workers and off the response path.
 //!
 //! A stored page gains its gzip form after its first answer went out: [`GzipSlot::request`]
-//! queues the page on a small pool of compressor threads (bounded: when the queue is full the
-//! page is skipped and the next gzip request for it asks again), and the slot is filled when the
+//! queues the page on a small pool of compressor threads at the lowest CPU priority (nice 19 on
+//! Linux, so they use the CPU the request path leaves; bounded: when the queue is full the page
+//! is skipped and the next gzip request for it asks again), and the slot is filled when the
 //! compression is done. Until then gzip clients get the identity body; nobody waits.
 //!
 //! Each compressor thread (and each thread that calls [`gzip_parts`]) keeps one deflate state and
@@ -141,6 +142,15 @@ struct Job {
     slot: Weak<GzipSlot>,
 }
 
+/// Compression uses only CPU the request path leaves: on a machine with every core busy serving
+/// (or a server pinned to one core) a compression in progress must not delay an answer.
+fn lowest_priority() {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = rustix::process::setpriority_process(None, 19) {
+        tracing::debug!(error = %e, "cannot lower the gzip thread's priority");
+    }
+}
+
 /// The compressor pool's queue, started on first use: half the cores, 1 to 4 threads. `None`
 /// if no thread could be started (pages are then served identity only).
 fn pool() -> Option<&'static SyncSender<Job>> {
@@ -156,13 +166,16 @@ fn pool() -> Option<&'static SyncSender<Job>> {
             let rx = rx.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("gzip-{i}"))
-                .spawn(move || loop {
-                    let job = match rx.lock().recv() {
-                        Ok(job) => job,
-                        Err(_) => return,
-                    };
-                    if let Some(slot) = job.slot.upgrade() {
-                        slot.fill(&job.body, job.room);
+                .spawn(move || {
+                    lowest_priority();
+                    loop {
+                        let job = match rx.lock().recv() {
+                            Ok(job) => job,
+                            Err(_) => return,
+                        };
+                        if let Some(slot) = job.slot.upgrade() {
+                            slot.fill(&job.body, job.room);
+                        }
                     }
                 });
             match spawned {

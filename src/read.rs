@@ -18,6 +18,8 @@ use crate::upstream::Upstream;
 pub use answer::{entry_response, CacheResult};
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Response, StatusCode};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use tokio::time::Instant;
@@ -132,9 +134,27 @@ fn budget_client(who: &Principal) -> &str {
     }
 }
 
+/// A fetch in progress: boxed, so that the futures of the read path that may start one (a cache
+/// hit's among them) stay small instead of carrying the whole upstream call's state, which they
+/// would copy each time they are moved.
+pub type FetchFuture = Pin<Box<dyn Future<Output = Result<Arc<Entry>, GatewayError>> + Send>>;
+
 /// One upstream read with the gateway's tokens, for `who`; one retry after a reactive token
 /// refresh (a renewed token refused again backs off in the token manager: no renewal storm).
-pub async fn fetch_entry(
+pub fn fetch_entry(
+    g: Arc<Reader>,
+    key: Key,
+    who: Principal,
+    request_id: HeaderValue,
+    deadline: Instant,
+    attempts: Arc<AtomicU32>,
+) -> FetchFuture {
+    Box::pin(fetch_entry_inner(
+        g, key, who, request_id, deadline, attempts,
+    ))
+}
+
+async fn fetch_entry_inner(
     g: Arc<Reader>,
     key: Key,
     who: Principal,

@@ -276,7 +276,12 @@ impl Entry {
 
     /// Seconds of freshness left (the `max-age` to send).
     pub fn fresh_left(&self, now: SystemTime, w: &Windows) -> u64 {
-        self.fresh_for(w).saturating_sub(self.age(now)).as_secs()
+        self.fresh_left_at(self.age(now), w)
+    }
+
+    /// [`Entry::fresh_left`] for an age already known.
+    pub fn fresh_left_at(&self, age: Duration, w: &Windows) -> u64 {
+        self.fresh_for(w).saturating_sub(age).as_secs()
     }
 
     /// Both stale windows count from the moment the entry became stale (RFC 5861). Negative

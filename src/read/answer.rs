@@ -89,16 +89,18 @@ pub struct View {
 }
 
 impl View {
-    /// One stored entry at `now`, with the current windows. Shares the entry's `Bytes`.
-    pub fn of_entry(e: &Entry, now: SystemTime, w: &Windows) -> View {
+    /// One stored entry at `now`, with the current windows, its gzip form only if `gzip` (the
+    /// client accepts it). Shares the entry's `Bytes`.
+    pub fn of_entry(e: &Entry, now: SystemTime, w: &Windows, gzip: bool) -> View {
+        let age = e.age(now);
         View {
             status: e.status(),
             content_type: e.content_type().clone(),
             etag: e.etag().clone(),
-            age: e.age(now).as_secs(),
-            fresh_left: e.fresh_left(now, w),
+            age: age.as_secs(),
+            fresh_left: e.fresh_left_at(age, w),
             body: Body::new(e.body().clone()),
-            gzip: e.gzip().cloned(),
+            gzip: if gzip { e.gzip().cloned() } else { None },
         }
     }
 }
@@ -162,7 +164,7 @@ pub fn entry_response(
     if ctx.accept_gzip && e.gzip().is_none() {
         e.compress_later();
     }
-    respond(View::of_entry(e, now, w), result, ctx)
+    respond(View::of_entry(e, now, w, ctx.accept_gzip), result, ctx)
 }
 
 #[cfg(test)]

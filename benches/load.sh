@@ -203,7 +203,7 @@ if want miss; then
 # by the simulator first so that all three clients find the same upstream. Before each run the
 # gateway's cache is purged and nginx gets a fresh cache key space (X-Run is part of its key),
 # so every request of the run is a miss for both. Overhead = p50 / p99 minus the simulator's own.
-MISS_DURATION=${MISS_DURATION:-5s}
+MISS_DURATION=${MISS_DURATION:-3s}
 MSIM=127.0.0.1:$((P + 86)); NGINX_MISS=127.0.0.1:$((P + 87))
 cat > "$WORK/rotate.lua" <<'LUA'
 local paths = {}

@@ -136,11 +136,8 @@ impl State {
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
         if matches!(route, Route::Token) {
-            return Ok((
-                self.token(authorization.as_deref(), req.into_body())
-                    .await?,
-                None,
-            ));
+            let token = self.token(authorization.as_deref(), req.into_body());
+            return Ok((Box::pin(token).await?, None));
         }
         let who: Principal = {
             let clients = self.clients.load();
@@ -167,14 +164,20 @@ impl State {
                 account: account.clone(),
                 index: 0,
             },
-            Route::SessionLogin => return Ok((self.session_login(req.into_body()).await?, None)),
+            // The other routes' futures are boxed: inline, the largest of them (a walk) would set
+            // the size of every request's future, which is moved several times per request.
+            Route::SessionLogin => {
+                return Ok((Box::pin(self.session_login(req.into_body())).await?, None))
+            }
             Route::AccountLicenses { account } => {
-                let (r, c) = crate::documents::account_licenses(&self.reader, account, ctx).await?;
+                let walk = crate::documents::account_licenses(&self.reader, account, ctx);
+                let (r, c) = Box::pin(walk).await?;
                 return Ok((r, Some(c)));
             }
             Route::DeviceLicense { account, device_id } => {
-                let (r, c) =
-                    crate::documents::device_license(&self.reader, account, device_id, ctx).await?;
+                let lookup =
+                    crate::documents::device_license(&self.reader, account, device_id, ctx);
+                let (r, c) = Box::pin(lookup).await?;
                 return Ok((r, Some(c)));
             }
             Route::Token => return Err(GatewayError::NotFound),

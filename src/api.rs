@@ -329,8 +329,6 @@ impl ClientApi {
                 (r, None)
             }
         };
-        resp.headers_mut()
-            .insert(headers::X_REQUEST_ID, ctx.request_id.clone());
         let status = resp.status().as_u16();
         let elapsed = started.elapsed();
         g.metrics.record_http(label, status, elapsed.as_secs_f64());
@@ -345,6 +343,9 @@ impl ClientApi {
             duration_ms = elapsed.as_secs_f64() * 1000.0,
             "request"
         );
+        // Moved, not cloned: the request is done with it.
+        resp.headers_mut()
+            .insert(headers::X_REQUEST_ID, ctx.request_id);
         resp
     }
 }

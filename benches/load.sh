@@ -4,6 +4,7 @@
 #
 #   bash benches/load.sh                 # 3 interleaved rounds of 10 s per server and case
 #   ROUNDS=5 DURATION=15s bash benches/load.sh
+#   SECTIONS=miss,walk MISS_DURATION=3s bash benches/load.sh
 #
 # Servers run pinned to core 0 (one worker each: nginx worker_processes 1, the gateway and the
 # bare server with one tokio worker), wrk -t1 -c64 pinned to core 1. Prints medians.
@@ -12,7 +13,7 @@ cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10s}
 CONNS=${CONNS:-64}
-SECTIONS=${SECTIONS:-hits,stampede,miss,memory}   # any subset, comma-separated
+SECTIONS=${SECTIONS:-hits,stampede,miss,walk,memory}   # any subset, comma-separated
 want() { [[ ",$SECTIONS," == *",$1,"* ]]; }
 P=${BASE_PORT:-18000}
 SIM=127.0.0.1:$((P + 81)); GW=127.0.0.1:$((P + 80)); GW_ADMIN=127.0.0.1:$((P + 90))
@@ -30,7 +31,8 @@ if [ "${#need[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 cargo build --release --bin thingspace-gateway --example bare_hyper >&2
-BIN=target/release/thingspace-gateway
+TARGET=${CARGO_TARGET_DIR:-target}
+BIN=$TARGET/release/thingspace-gateway
 WORK=$(mktemp -d)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$WORK"; }
@@ -110,7 +112,7 @@ http {
 }
 CFG
 taskset -c 0 nginx -c "$WORK/nginx/nginx.conf" -g 'daemon off;' & PIDS+=($!)
-TOKIO_WORKER_THREADS=1 taskset -c 0 target/release/examples/bare_hyper "$BARE" "$WORK/big.json" "$WORK/small.json" "$WORK/big.json.gz" > /dev/null & PIDS+=($!)
+TOKIO_WORKER_THREADS=1 taskset -c 0 "$TARGET/release/examples/bare_hyper" "$BARE" "$WORK/big.json" "$WORK/small.json" "$WORK/big.json.gz" > /dev/null & PIDS+=($!)
 wait_http "http://$GW_ADMIN/readyz"; wait_http "http://$NGINX$BIG"; wait_http "http://$BARE/big"
 for u in "http://$GW$BIG" "http://$GW$SMALL" "http://$NGINX$BIG" "http://$NGINX$SMALL"; do
   curl -fs -o /dev/null "$u"; curl -fs -o /dev/null -H 'Accept-Encoding: gzip' "$u"
@@ -196,48 +198,175 @@ curl -fs -X POST "http://$SIM/_sim/faults" -d '{"latency":"0ms"}' >/dev/null
 fi
 
 if want miss; then
-echo
-echo "## Miss path vs direct to the simulator (wrk -t1 -c1, every request a distinct key upstream)"
-gateway_config "$MISS" "$MISS_ADMIN" $'[cache]\nttl = "1ms"\nstale_while_revalidate = "0s"\nstale_if_error = "0s"' > "$WORK/miss.toml"
-RUST_LOG=warn TOKIO_WORKER_THREADS=1 taskset -c 0 "$BIN" serve --config "$WORK/miss.toml" 2> "$WORK/miss.log" & PIDS+=($!)
-wait_http "http://$MISS_ADMIN/readyz"
-python3 - "$SIM" "$ACCT" "$TOKEN" "$SESSION" > "$WORK/paths.txt" <<'PY'
-import json, sys, urllib.request
-sim, acct, token, session = sys.argv[1:]
-idx, out = 0, []
-while True:
-    req = urllib.request.Request(f"http://{sim}/api/fota/v1/licenses/{acct}/index/{idx}",
-                                 headers={"Authorization": f"Bearer {token}", "VZ-M2M-Token": session})
-    page = json.load(urllib.request.urlopen(req))
-    out += [d["deviceId"] for d in page["deviceList"]]
-    if not page["hasMoreData"]:
-        break
-    idx = page["lastSeenDeviceId"]
-for d in out[:-1]:
-    print(f"/api/fota/v1/licenses/{acct}/index/{d}")
-PY
+# Every request a distinct cold key, upstream budget opened wide: one simulator per page size
+# (one account; every device id is a cursor, so every key is distinct), every key rendered once
+# by the simulator first so that all three clients find the same upstream. Before each run the
+# gateway's cache is purged and nginx gets a fresh cache key space (X-Run is part of its key),
+# so every request of the run is a miss for both. Overhead = p50 / p99 minus the simulator's own.
+MISS_DURATION=${MISS_DURATION:-3s}
+MSIM=127.0.0.1:$((P + 86)); NGINX_MISS=127.0.0.1:$((P + 87))
 cat > "$WORK/rotate.lua" <<'LUA'
 local paths = {}
 for line in io.lines(os.getenv("PATHS_FILE")) do paths[#paths + 1] = line end
 local i = 0
-local auth = os.getenv("AUTH")
-local session = os.getenv("SESSION")
+local h = {}
+if (os.getenv("AUTH") or "") ~= "" then
+  h["Authorization"] = os.getenv("AUTH"); h["VZ-M2M-Token"] = os.getenv("SESSION")
+end
+if (os.getenv("RUN") or "") ~= "" then h["X-Run"] = os.getenv("RUN") end
 request = function()
-  i = i % #paths + 1
-  local h = {}
-  if auth ~= "" then h["Authorization"] = auth; h["VZ-M2M-Token"] = session end
+  i = i + 1
+  if i > #paths then i = 1 end
   return wrk.format("GET", paths[i], h)
 end
 LUA
-miss() { PATHS_FILE="$WORK/paths.txt" AUTH="$2" SESSION="$3" taskset -c 1 wrk -t1 -c1 -d"$DURATION" --latency -s "$WORK/rotate.lua" "$1" | python3 -c '
+# wrk over the key list -> "requests req/s p50_ms p99_ms"
+miss_wrk() { # url conns [auth session run]
+  PATHS_FILE="$WORK/miss_paths.txt" AUTH="${3:-}" SESSION="${4:-}" RUN="${5:-}" \
+    taskset -c 1 wrk -t1 -c"$2" -d"$MISS_DURATION" --latency -s "$WORK/rotate.lua" "$1" | python3 -c '
 import re, sys
 t = sys.stdin.read()
 def ms(v):
     n, u = re.match(r"([\d.]+)(us|ms|s)", v).groups()
     return float(n) * {"us": 0.001, "ms": 1, "s": 1000}[u]
-print("req/s %s p50 %.3f ms p99 %.3f ms" % (re.search(r"Requests/sec:\s+([\d.]+)", t).group(1), ms(re.search(r"\s50%\s+(\S+)", t).group(1)), ms(re.search(r"\s99%\s+(\S+)", t).group(1))))'; }
-echo "gateway miss:     $(miss "http://$MISS" "" "")"
-echo "direct simulator: $(miss "http://$SIM" "Bearer $TOKEN" "$SESSION")"
+n = int(re.search(r"(\d+) requests in", t).group(1))
+errs = re.search(r"Non-2xx or 3xx responses: (\d+)", t)
+if errs: sys.stderr.write("non-2xx: " + errs.group(1) + "\n")
+print(n, re.search(r"Requests/sec:\s+([\d.]+)", t).group(1),
+      "%.3f" % ms(re.search(r"\s50%\s+(\S+)", t).group(1)), "%.3f" % ms(re.search(r"\s99%\s+(\S+)", t).group(1)))'
+}
+metric() { curl -fs "http://$MISS_ADMIN/metrics" | awk -v s="$1" 'index($0, s " ") == 1 {print $2}'; }
+echo
+echo "## Miss path: every request a distinct cold key, budget opened wide (wrk -t1, $MISS_DURATION per run, medians of $ROUNDS interleaved rounds; load average $(cut -d' ' -f1-3 /proc/loadavg))"
+printf '%-14s %5s %15s %24s %24s %9s %9s\n' page conns "sim p50/p99" "gateway p50/p99 (+over)" "nginx p50/p99 (+over)" gw_req/s ngx_req/s
+for size in 8 80; do
+  if [ "$size" = 8 ]; then ps=100; devices=${MISS_KEYS_8K:-60000}; else ps=1000; devices=${MISS_KEYS_80K:-20000}; fi
+  taskset -c 1 "$BIN" sim --listen "$MSIM" --accounts 1 --devices "$devices" --page-size "$ps" > "$WORK/msim.log" 2>&1 & MSIM_PID=$!
+  wait_http "http://$MSIM/_sim/accounts"
+  read -r MTOKEN MSESSION < <(python3 - "$MSIM" <<'PY'
+import json, sys, urllib.request
+sim = sys.argv[1]
+tok = json.load(urllib.request.urlopen(urllib.request.Request(f"http://{sim}/api/ts/v1/oauth2/token",
+    data=b"grant_type=client_credentials", headers={"Authorization": "Basic ZGVtby1rZXk6ZGVtby1zZWNyZXQ="})))["access_token"]
+ses = json.load(urllib.request.urlopen(urllib.request.Request(f"http://{sim}/api/m2m/v1/session/login",
+    data=b'{"username":"demo-user","password":"demo-pass"}',
+    headers={"Authorization": "Bearer " + tok, "Content-Type": "application/json"})))["sessionToken"]
+print(tok, ses)
+PY
+)
+  python3 - "$MSIM" "$MTOKEN" "$MSESSION" > "$WORK/miss_paths.txt" <<'PY'
+import json, sys, urllib.request
+sim, token, session = sys.argv[1:]
+acct = json.load(urllib.request.urlopen(f"http://{sim}/_sim/accounts"))[0]["accountName"]
+idx = 0
+while True:
+    req = urllib.request.Request(f"http://{sim}/api/fota/v1/licenses/{acct}/index/{idx}",
+                                 headers={"Authorization": f"Bearer {token}", "VZ-M2M-Token": session})
+    page = json.load(urllib.request.urlopen(req))
+    for d in page["deviceList"]:
+        print(f"/api/fota/v1/licenses/{acct}/index/{d['deviceId']}")
+    if not page["hasMoreData"]:
+        break
+    idx = page["lastSeenDeviceId"]
+PY
+  KEYS=$(wc -l < "$WORK/miss_paths.txt")
+  # The simulator renders each page once and keeps it: render every key now.
+  sed "s#^\(.*\)#url = \"http://$MSIM\1\"\noutput = \"/dev/null\"#" "$WORK/miss_paths.txt" > "$WORK/miss_curl.cfg"
+  taskset -c 1 curl -s --parallel --parallel-max 16 -H "Authorization: Bearer $MTOKEN" -H "VZ-M2M-Token: $MSESSION" -K "$WORK/miss_curl.cfg" > /dev/null 2>&1 || true
+  gateway_config "$MISS" "$MISS_ADMIN" "" | sed "s#http://$SIM\"#http://$MSIM\"#" > "$WORK/miss.toml"
+  RUST_LOG=warn TOKIO_WORKER_THREADS=1 taskset -c 0 "$BIN" serve --config "$WORK/miss.toml" 2> "$WORK/miss.log" & MISS_PID=$!
+  mkdir -p "$WORK/nginx_miss/cache"; chmod 755 "$WORK/nginx_miss"; chmod 777 "$WORK/nginx_miss/cache"
+  sed -e "s#$WORK/nginx/#$WORK/nginx_miss/#g" -e "s#server $SIM;#server $MSIM;#" -e "s#listen $NGINX;#listen $NGINX_MISS;#" \
+      -e "s#Bearer $TOKEN#Bearer $MTOKEN#" -e "s#\"$SESSION\"#\"$MSESSION\"#" \
+      -e "s#proxy_cache pages;#proxy_cache pages; proxy_cache_key \"\$request_uri \$http_x_run\";#" \
+      "$WORK/nginx/nginx.conf" > "$WORK/nginx_miss/nginx.conf"
+  taskset -c 0 nginx -c "$WORK/nginx_miss/nginx.conf" -g 'daemon off;' & NGINX_MISS_PID=$!
+  wait_http "http://$MISS_ADMIN/readyz"; wait_http "http://$NGINX_MISS/_sim/accounts"
+  conns_before=$(( $(metric 'thingspace_gateway_upstream_connections_total{reused="false"}') + $(metric 'thingspace_gateway_upstream_connections_total{reused="true"}') ))
+  new_before=$(metric 'thingspace_gateway_upstream_connections_total{reused="false"}')
+  declare -A MR=()
+  for round in $(seq 1 "$ROUNDS"); do
+    for c in 1 16; do
+      MR[sim,$c,$round]=$(miss_wrk "http://$MSIM" "$c" "Bearer $MTOKEN" "$MSESSION")
+      curl -fs -X DELETE "http://$MISS_ADMIN/cache" > /dev/null
+      MR[gateway,$c,$round]=$(miss_wrk "http://$MISS" "$c")
+      MR[nginx,$c,$round]=$(miss_wrk "http://$NGINX_MISS" "$c" "" "" "$size-$c-$round")
+      for s in sim gateway nginx; do
+        echo "miss ${size}KB c$c round $round $s: ${MR[$s,$c,$round]}" >&2
+        n=$(echo "${MR[$s,$c,$round]}" | cut -d' ' -f1)
+        [ "$s" = sim ] || [ "$n" -le "$KEYS" ] || echo "WARNING: $s made $n requests over $KEYS keys: some were not cold (raise MISS_KEYS_${size}K)" >&2
+      done
+    done
+  done
+  for c in 1 16; do
+    declare -A M=()
+    for s in sim gateway nginx; do
+      for i in 2 3 4; do
+        M[$s,$i]=$(for r in $(seq 1 "$ROUNDS"); do echo "${MR[$s,$c,$r]}" | cut -d' ' -f$i; done | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
+      done
+    done
+    over() { python3 -c "print(f'{$1:.3f}/{$2:.3f} (+{$1-$3:.3f}/+{$2-$4:.3f})')"; }
+    printf '%-14s %5s %15s %24s %24s %9.0f %9.0f\n' "~${size} KB ($ps dev)" "$c" "${M[sim,3]}/${M[sim,4]}" \
+      "$(over "${M[gateway,3]}" "${M[gateway,4]}" "${M[sim,3]}" "${M[sim,4]}")" \
+      "$(over "${M[nginx,3]}" "${M[nginx,4]}" "${M[sim,3]}" "${M[sim,4]}")" "${M[gateway,2]}" "${M[nginx,2]}"
+  done
+  new_after=$(metric 'thingspace_gateway_upstream_connections_total{reused="false"}')
+  conns_after=$(( new_after + $(metric 'thingspace_gateway_upstream_connections_total{reused="true"}') ))
+  python3 -c "n = $conns_after - $conns_before; new = $new_after - $new_before; print(f'  gateway upstream responses: {n}, on {new} new connections ({100 * (n - new) / max(n, 1):.2f} % on kept-alive ones)')"
+  kill "$MISS_PID" "$NGINX_MISS_PID" "$MSIM_PID" 2>/dev/null || true
+  wait "$MISS_PID" "$NGINX_MISS_PID" "$MSIM_PID" 2>/dev/null || true
+done
+fi
+
+if want walk; then
+# A whole-account walk of a cold 25-page account (1000 devices a page, ~2 MB merged): the
+# gateway's /gateway/v1/accounts/{a}/licenses after a purge, against a client walking the
+# simulator's 25 pages itself over one kept-alive connection (curl). Medians of WALKS.
+WALKS=${WALKS:-7}
+WSIM=127.0.0.1:$((P + 88))
+taskset -c 1 "$BIN" sim --listen "$WSIM" --accounts 1 --devices 25000 > "$WORK/wsim.log" 2>&1 & WSIM_PID=$!
+wait_http "http://$WSIM/_sim/accounts"
+gateway_config "$MISS" "$MISS_ADMIN" "" | sed "s#http://$SIM\"#http://$WSIM\"#" > "$WORK/walk.toml"
+RUST_LOG=warn TOKIO_WORKER_THREADS=1 taskset -c 0 "$BIN" serve --config "$WORK/walk.toml" 2> "$WORK/walk.log" & WALK_PID=$!
+wait_http "http://$MISS_ADMIN/readyz"
+python3 - "$WSIM" > "$WORK/walk_urls.txt" <<'PY'
+import json, sys, urllib.request
+sim = sys.argv[1]
+tok = json.load(urllib.request.urlopen(urllib.request.Request(f"http://{sim}/api/ts/v1/oauth2/token",
+    data=b"grant_type=client_credentials", headers={"Authorization": "Basic ZGVtby1rZXk6ZGVtby1zZWNyZXQ="})))["access_token"]
+ses = json.load(urllib.request.urlopen(urllib.request.Request(f"http://{sim}/api/m2m/v1/session/login",
+    data=b'{"username":"demo-user","password":"demo-pass"}',
+    headers={"Authorization": "Bearer " + tok, "Content-Type": "application/json"})))["sessionToken"]
+acct = json.load(urllib.request.urlopen(f"http://{sim}/_sim/accounts"))[0]["accountName"]
+print(acct, tok, ses)
+idx = 0
+while True:
+    url = f"http://{sim}/api/fota/v1/licenses/{acct}/index/{idx}"
+    print(url)
+    page = json.load(urllib.request.urlopen(urllib.request.Request(url, headers={"Authorization": f"Bearer {tok}", "VZ-M2M-Token": ses})))
+    if not page["hasMoreData"]:
+        break
+    idx = page["lastSeenDeviceId"]
+PY
+read -r WACCT WTOKEN WSESSION < <(head -1 "$WORK/walk_urls.txt")
+tail -n +2 "$WORK/walk_urls.txt" > "$WORK/walk_pages.txt"
+PAGES=$(wc -l < "$WORK/walk_pages.txt")
+sed 's#^\(.*\)#url = "\1"\noutput = "/dev/null"#' "$WORK/walk_pages.txt" > "$WORK/walk_curl.cfg"
+direct=(); gw=()
+for _ in $(seq 1 "$WALKS"); do
+  # One curl, the pages in cursor order on one connection: the walk a client would make.
+  direct+=("$(taskset -c 1 curl -fs -w '%{time_total}\n' -H "Authorization: Bearer $WTOKEN" -H "VZ-M2M-Token: $WSESSION" \
+    -K "$WORK/walk_curl.cfg" | awk '{s += $1} END {printf "%.2f", s * 1000}')")
+  curl -fs -X DELETE "http://$MISS_ADMIN/cache" > /dev/null
+  gw+=("$(taskset -c 1 curl -fs -o /dev/null -w '%{time_total}' "http://$MISS/gateway/v1/accounts/$WACCT/licenses" | awk '{printf "%.2f", $1 * 1000}')")
+done
+med() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+echo
+echo "## Cold whole-account walk, $PAGES pages of 1000 devices (medians of $WALKS; load average $(cut -d' ' -f1-3 /proc/loadavg))"
+echo "gateway, /gateway/v1/accounts/{a}/licenses after a purge: $(med "${gw[@]}") ms (runs: ${gw[*]})"
+echo "a client walking the simulator directly (curl, one connection): $(med "${direct[@]}") ms (runs: ${direct[*]})"
+kill "$WALK_PID" "$WSIM_PID" 2>/dev/null || true
+wait "$WALK_PID" "$WSIM_PID" 2>/dev/null || true
 fi
 
 if want memory; then

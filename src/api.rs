@@ -19,6 +19,7 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
+use std::future::Future;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::time::Instant;
@@ -30,8 +31,8 @@ pub const ACCESS_LOG: &str = "access";
 mod headers;
 pub mod route;
 
+use headers::RequestHeaders;
 pub use headers::MAX_HEADERS;
-use headers::{accepts_gzip, check_header_limits, request_id};
 /// POST bodies (token and login requests) are small forms.
 const MAX_POST_BODY: usize = 16 * 1024;
 
@@ -128,18 +129,15 @@ impl State {
         route: Route,
         ctx: &mut Ctx,
     ) -> Result<(Response<Body>, Option<CacheResult>), GatewayError> {
-        check_header_limits(req.headers(), ctx.cfg.server.max_header_bytes.as_usize())?;
-        let authorization = req
-            .headers()
-            .get(header::AUTHORIZATION)
+        let headers = RequestHeaders::read(req.headers());
+        headers.check_limits(ctx.cfg.server.max_header_bytes.as_usize())?;
+        let authorization = headers
+            .authorization
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
         if matches!(route, Route::Token) {
-            return Ok((
-                self.token(authorization.as_deref(), req.into_body())
-                    .await?,
-                None,
-            ));
+            let token = self.token(authorization.as_deref(), req.into_body());
+            return Ok((Box::pin(token).await?, None));
         }
         let who: Principal = {
             let clients = self.clients.load();
@@ -166,14 +164,20 @@ impl State {
                 account: account.clone(),
                 index: 0,
             },
-            Route::SessionLogin => return Ok((self.session_login(req.into_body()).await?, None)),
+            // The other routes' futures are boxed: inline, the largest of them (a walk) would set
+            // the size of every request's future, which is moved several times per request.
+            Route::SessionLogin => {
+                return Ok((Box::pin(self.session_login(req.into_body())).await?, None))
+            }
             Route::AccountLicenses { account } => {
-                let (r, c) = crate::documents::account_licenses(&self.reader, account, ctx).await?;
+                let walk = crate::documents::account_licenses(&self.reader, account, ctx);
+                let (r, c) = Box::pin(walk).await?;
                 return Ok((r, Some(c)));
             }
             Route::DeviceLicense { account, device_id } => {
-                let (r, c) =
-                    crate::documents::device_license(&self.reader, account, device_id, ctx).await?;
+                let lookup =
+                    crate::documents::device_license(&self.reader, account, device_id, ctx);
+                let (r, c) = Box::pin(lookup).await?;
                 return Ok((r, Some(c)));
             }
             Route::Token => return Err(GatewayError::NotFound),
@@ -181,6 +185,26 @@ impl State {
         let (entry, result) = self.reader.cached(key, ctx).await?;
         Ok((self.reader.respond(&entry, result, ctx), Some(result)))
     }
+}
+
+/// `fut`, or `None` once `deadline` passes first. Like `tokio::time::timeout_at`, but the timer
+/// is made only when `fut` does not finish on its first poll: a cache hit never makes one.
+async fn within<F: Future>(deadline: Instant, fut: F) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    let mut timer = std::pin::pin!(None::<tokio::time::Sleep>);
+    std::future::poll_fn(|cx| {
+        if let std::task::Poll::Ready(v) = fut.as_mut().poll(cx) {
+            return std::task::Poll::Ready(Some(v));
+        }
+        if timer.is_none() {
+            timer.set(Some(tokio::time::sleep_until(deadline)));
+        }
+        match timer.as_mut().as_pin_mut().map(|t| t.poll(cx)) {
+            Some(std::task::Poll::Ready(())) => std::task::Poll::Ready(None),
+            _ => std::task::Poll::Pending,
+        }
+    })
+    .await
 }
 
 /// Decrements the in-flight count however the request ends.
@@ -261,13 +285,14 @@ impl ClientApi {
         let g = &self.0;
         let started = Instant::now();
         let cfg = g.settings.current();
+        let headers = RequestHeaders::read(req.headers());
         let mut ctx = Ctx {
-            request_id: request_id(req.headers()),
+            request_id: headers.request_id(),
             started,
             deadline: started + cfg.server.request_timeout.0,
             head: req.method() == Method::HEAD,
-            accept_gzip: accepts_gzip(req.headers()),
-            if_none_match: req.headers().get(header::IF_NONE_MATCH).cloned(),
+            accept_gzip: headers.accept_gzip,
+            if_none_match: headers.if_none_match.cloned(),
             attempts: AtomicU32::new(0),
             who: Principal::Anonymous,
             cfg,
@@ -288,10 +313,10 @@ impl ClientApi {
             Err(RouteError::InvalidParameter(m)) => Err(GatewayError::InvalidParameter(m)),
             Ok(_) if in_flight >= ctx.cfg.server.max_inflight => Err(GatewayError::Overloaded),
             Ok(route) => {
-                match tokio::time::timeout_at(ctx.deadline, g.inner(req, route, &mut ctx)).await {
-                    Ok(r) => r,
-                    Err(_) => Err(GatewayError::UpstreamTimeout),
-                }
+                let deadline = ctx.deadline;
+                within(deadline, g.inner(req, route, &mut ctx))
+                    .await
+                    .unwrap_or(Err(GatewayError::UpstreamTimeout))
             }
         };
         let (mut resp, cache) = match outcome {
@@ -304,8 +329,6 @@ impl ClientApi {
                 (r, None)
             }
         };
-        resp.headers_mut()
-            .insert(headers::X_REQUEST_ID, ctx.request_id.clone());
         let status = resp.status().as_u16();
         let elapsed = started.elapsed();
         g.metrics.record_http(label, status, elapsed.as_secs_f64());
@@ -320,6 +343,9 @@ impl ClientApi {
             duration_ms = elapsed.as_secs_f64() * 1000.0,
             "request"
         );
+        // Moved, not cloned: the request is done with it.
+        resp.headers_mut()
+            .insert(headers::X_REQUEST_ID, ctx.request_id);
         resp
     }
 }

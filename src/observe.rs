@@ -144,6 +144,12 @@ pub struct Metrics {
     pub lookup_coalesced: IntCounter,
     http_ok: Vec<IntCounter>,
     http_hist: Vec<Histogram>,
+    /// `upstream_connections_total{reused="false"}`: upstream responses that came on a new
+    /// connection (its first response).
+    pub upstream_connections_new: IntCounter,
+    /// `upstream_connections_total{reused="true"}`: upstream responses on a connection kept
+    /// alive from an earlier one.
+    pub upstream_connections_reused: IntCounter,
     // Fleet mode (SPEC §10).
     pub lookup_l2_hit: IntCounter,
     pub redis_up: IntGauge,
@@ -308,6 +314,12 @@ impl Metrics {
             .iter()
             .map(|route| http_duration.with_label_values(&[route.as_str()]))
             .collect();
+        let upstream_connections = counters(
+            &r,
+            "upstream_connections_total",
+            "Upstream responses by connection: a new one (reused=false) or one kept alive (reused=true).",
+            &["reused"],
+        );
         let redis_commands = counters(
             &r,
             "redis_commands_total",
@@ -328,6 +340,8 @@ impl Metrics {
             ),
         );
         Metrics {
+            upstream_connections_new: upstream_connections.with_label_values(&["false"]),
+            upstream_connections_reused: upstream_connections.with_label_values(&["true"]),
             lookup_l2_hit: cache_lookups.with_label_values(&["l2_hit"]),
             redis_up: gauge(
                 &r,
@@ -522,6 +536,8 @@ mod tests {
             "thingspace_gateway_build_info{version=",
             "thingspace_gateway_circuit_open 0",
             "thingspace_gateway_upstream_inflight 0",
+            "thingspace_gateway_upstream_connections_total{reused=\"false\"} 0",
+            "thingspace_gateway_upstream_connections_total{reused=\"true\"} 0",
             "process_resident_memory_bytes",
         ] {
             assert!(text.contains(needle), "missing {needle}");

@@ -21,6 +21,8 @@ use crate::upstream::Upstream;
 pub use answer::{entry_response, CacheResult};
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Response, StatusCode};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use tokio::time::Instant;
@@ -135,9 +137,27 @@ fn budget_client(who: &Principal) -> &str {
     }
 }
 
+/// A fetch in progress: boxed, so that the futures of the read path that may start one (a cache
+/// hit's among them) stay small instead of carrying the whole upstream call's state, which they
+/// would copy each time they are moved.
+pub type FetchFuture = Pin<Box<dyn Future<Output = Result<Arc<Entry>, GatewayError>> + Send>>;
+
 /// One upstream read with the gateway's tokens, for `who`; one retry after a reactive token
 /// refresh (a renewed token refused again backs off in the token manager: no renewal storm).
-pub async fn fetch_entry(
+pub fn fetch_entry(
+    g: Arc<Reader>,
+    key: Key,
+    who: Principal,
+    request_id: HeaderValue,
+    deadline: Instant,
+    attempts: Arc<AtomicU32>,
+) -> FetchFuture {
+    Box::pin(fetch_entry_inner(
+        g, key, who, request_id, deadline, attempts,
+    ))
+}
+
+async fn fetch_entry_inner(
     g: Arc<Reader>,
     key: Key,
     who: Principal,
@@ -200,12 +220,11 @@ pub async fn fetch_entry(
             .get(header::CONTENT_TYPE)
             .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok())
             .unwrap_or(crate::respond::JSON);
-        return Ok(Arc::new(Entry::new(
-            resp.status,
-            content_type,
-            resp.body,
-            clock::now(),
-        )));
+        let entry = Entry::new(resp.status, content_type, resp.body, clock::now());
+        // The answer goes out now; its gzip form is made off the async workers and joins the
+        // entry when ready (gzip requests get the identity body until then).
+        entry.compress_later();
+        return Ok(Arc::new(entry));
     }
     Err(GatewayError::UpstreamAuthFailed(BEARER_REFUSED))
 }

@@ -1,60 +1,139 @@
-//! What a client request asks for: its request id, gzip, and the header limits.
+//! What a client request asks for: its request id, gzip, `If-None-Match`, `Authorization`, and
+//! the header limits, read in one pass over its headers.
 
 use crate::error::GatewayError;
+use bytes::{Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderValue};
+use std::cell::RefCell;
 
 pub use crate::respond::X_REQUEST_ID;
 
 /// More request headers than this (Host included) → 431.
 pub const MAX_HEADERS: usize = 100;
 
-/// The client's `X-Request-Id` when it is sane (1-128 visible ASCII), else 32 random hex digits.
-pub(super) fn request_id(headers: &HeaderMap) -> HeaderValue {
-    if let Some(v) = headers.get(X_REQUEST_ID).filter(|v| {
-        (1..=128).contains(&v.len()) && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
-    }) {
-        return v.clone();
-    }
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut id = [0u8; 32];
-    let words = [fastrand::u64(..), fastrand::u64(..)];
-    for (i, c) in id.iter_mut().enumerate() {
-        *c = HEX[((words[i / 16] >> ((i % 16) * 4)) & 0xf) as usize];
-    }
-    HeaderValue::from_bytes(&id).unwrap_or(HeaderValue::from_static("0"))
+/// The request headers the client API reads, found in one pass (one comparison of names per
+/// header instead of one hash lookup per name), and the sizes the limits are checked on.
+pub(super) struct RequestHeaders<'a> {
+    pub request_id: Option<&'a HeaderValue>,
+    pub accept_gzip: bool,
+    pub if_none_match: Option<&'a HeaderValue>,
+    pub authorization: Option<&'a HeaderValue>,
+    /// Header lines, `Host` included.
+    pub count: usize,
+    /// Names and values of all headers.
+    pub bytes: usize,
 }
 
-/// `gzip` (or `*`) listed with a non-zero q.
-pub(super) fn accepts_gzip(headers: &HeaderMap) -> bool {
-    headers.get_all(header::ACCEPT_ENCODING).iter().any(|v| {
-        v.to_str().unwrap_or("").split(',').any(|item| {
-            let mut parts = item.split(';');
-            let name = parts.next().unwrap_or("").trim();
-            let q_zero = parts.any(|p| {
-                let p = p.trim();
-                p.strip_prefix("q=")
-                    .is_some_and(|q| q.trim().parse::<f32>().map(|q| q == 0.0).unwrap_or(false))
-            });
-            (name.eq_ignore_ascii_case("gzip") || name == "*") && !q_zero
-        })
+impl<'a> RequestHeaders<'a> {
+    pub fn read(headers: &'a HeaderMap) -> Self {
+        let mut h = RequestHeaders {
+            request_id: None,
+            accept_gzip: false,
+            if_none_match: None,
+            authorization: None,
+            count: 0,
+            bytes: 0,
+        };
+        for (name, value) in headers {
+            h.count += 1;
+            h.bytes += name.as_str().len() + value.len();
+            if name == header::ACCEPT_ENCODING {
+                h.accept_gzip = h.accept_gzip || value_accepts_gzip(value);
+            } else if name == header::IF_NONE_MATCH {
+                h.if_none_match.get_or_insert(value);
+            } else if name == header::AUTHORIZATION {
+                h.authorization.get_or_insert(value);
+            } else if name == X_REQUEST_ID {
+                h.request_id.get_or_insert(value);
+            }
+        }
+        h
+    }
+
+    /// 431 when over [`MAX_HEADERS`] lines or `max_bytes` of names and values.
+    pub fn check_limits(&self, max_bytes: usize) -> Result<(), GatewayError> {
+        if self.count > MAX_HEADERS || self.bytes > max_bytes {
+            return Err(GatewayError::HeadersTooLarge);
+        }
+        Ok(())
+    }
+
+    /// The client's `X-Request-Id` when it is sane (1-128 visible ASCII), else a new one.
+    pub fn request_id(&self) -> HeaderValue {
+        match self.request_id.filter(|v| {
+            (1..=128).contains(&v.len()) && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
+        }) {
+            Some(v) => v.clone(),
+            None => new_request_id(),
+        }
+    }
+}
+
+/// Generated request ids: 32 random hex digits each, made 64 at a time into one buffer that
+/// each id is a slice of (no allocation per request).
+const IDS_PER_BATCH: usize = 64;
+const ID_LEN: usize = 32;
+
+fn new_request_id() -> HeaderValue {
+    thread_local! {
+        static BATCH: RefCell<(Bytes, usize)> = const { RefCell::new((Bytes::new(), 0)) };
+    }
+    BATCH.with(|b| {
+        let mut b = b.borrow_mut();
+        let (ids, next) = &mut *b;
+        if *next >= IDS_PER_BATCH || ids.is_empty() {
+            *ids = id_batch();
+            *next = 0;
+        }
+        let id = ids.slice(*next * ID_LEN..(*next + 1) * ID_LEN);
+        *next += 1;
+        HeaderValue::from_maybe_shared(id).unwrap_or(HeaderValue::from_static("0"))
     })
 }
 
-pub(super) fn check_header_limits(
-    headers: &HeaderMap,
-    max_bytes: usize,
-) -> Result<(), GatewayError> {
-    if headers.len() > MAX_HEADERS {
-        return Err(GatewayError::HeadersTooLarge);
+fn id_batch() -> Bytes {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut buf = BytesMut::with_capacity(IDS_PER_BATCH * ID_LEN);
+    for _ in 0..IDS_PER_BATCH * ID_LEN / 16 {
+        let mut w = fastrand::u64(..);
+        let mut digits = [0u8; 16];
+        for d in &mut digits {
+            *d = HEX[(w & 0xf) as usize];
+            w >>= 4;
+        }
+        buf.extend_from_slice(&digits);
     }
-    let bytes: usize = headers
-        .iter()
-        .map(|(k, v)| k.as_str().len() + v.len())
-        .sum();
-    if bytes > max_bytes {
-        return Err(GatewayError::HeadersTooLarge);
+    buf.freeze()
+}
+
+/// `gzip` (or `*`) listed with a non-zero q in one `Accept-Encoding` value.
+fn value_accepts_gzip(v: &HeaderValue) -> bool {
+    let bytes = v.as_bytes();
+    // Most values name no gzip at all ("identity", "br"): no parsing for those.
+    if !bytes.iter().any(|&b| b == b'*' || b | 0x20 == b'g') {
+        return false;
     }
-    Ok(())
+    v.to_str().unwrap_or("").split(',').any(|item| {
+        let mut parts = item.split(';');
+        let name = parts.next().unwrap_or("").trim();
+        let q_zero = parts.any(|p| {
+            let p = p.trim();
+            p.strip_prefix("q=")
+                .is_some_and(|q| q.trim().parse::<f32>().map(|q| q == 0.0).unwrap_or(false))
+        });
+        (name.eq_ignore_ascii_case("gzip") || name == "*") && !q_zero
+    })
+}
+
+/// `gzip` (or `*`) listed with a non-zero q in any `Accept-Encoding` header.
+#[cfg(test)]
+fn accepts_gzip(headers: &HeaderMap) -> bool {
+    RequestHeaders::read(headers).accept_gzip
+}
+
+#[cfg(test)]
+fn check_header_limits(headers: &HeaderMap, max_bytes: usize) -> Result<(), GatewayError> {
+    RequestHeaders::read(headers).check_limits(max_bytes)
 }
 
 #[cfg(test)]
@@ -71,6 +150,36 @@ mod tests {
         assert!(!accepts_gzip(&h));
         h.insert(header::ACCEPT_ENCODING, "*".parse().unwrap());
         assert!(accepts_gzip(&h));
+    }
+
+    #[test]
+    fn request_ids_are_echoed_when_sane_else_new_and_distinct() {
+        let mut h = HeaderMap::new();
+        h.insert(X_REQUEST_ID, HeaderValue::from_static("abc-123"));
+        assert_eq!(RequestHeaders::read(&h).request_id(), "abc-123");
+        h.insert(X_REQUEST_ID, HeaderValue::from_static("has space"));
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..3 * IDS_PER_BATCH {
+            let id = RequestHeaders::read(&h).request_id();
+            assert_eq!(id.len(), ID_LEN);
+            assert!(id.as_bytes().iter().all(|b| b.is_ascii_hexdigit()));
+            assert!(seen.insert(id), "ids repeat");
+        }
+    }
+
+    #[test]
+    fn one_pass_finds_what_lookups_find() {
+        let mut h = HeaderMap::new();
+        h.append(header::ACCEPT_ENCODING, "identity".parse().unwrap());
+        h.append(header::ACCEPT_ENCODING, "GZIP;q=0.8".parse().unwrap());
+        h.insert(header::IF_NONE_MATCH, "\"x\"".parse().unwrap());
+        h.insert(header::AUTHORIZATION, "Basic eA==".parse().unwrap());
+        let r = RequestHeaders::read(&h);
+        assert!(r.accept_gzip);
+        assert_eq!(r.if_none_match.unwrap(), "\"x\"");
+        assert_eq!(r.authorization.unwrap(), "Basic eA==");
+        assert_eq!(r.count, 4);
+        assert!(r.request_id.is_none());
     }
 
     #[test]

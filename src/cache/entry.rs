@@ -5,13 +5,18 @@
 //!
 //! Freshness is not stored: it is computed at read time from the fetch time and the windows the
 //! caller passes in (the current config), so a change of `ttl` applies to entries already stored.
+//!
+//! The gzip form is not needed for the first answer, so a new entry has none: it is made after,
+//! off the async workers ([`gzip`]), and appears in the entry when ready.
+
+mod gzip;
 
 use super::page::PageIndex;
 use bytes::Bytes;
-use flate2::write::GzEncoder;
+pub use gzip::gzip_parts;
+use gzip::{GzipSlot, GZIP_MIN};
 use http::{HeaderValue, StatusCode};
 use serde::{Deserialize, Serialize};
-use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
@@ -19,10 +24,12 @@ use std::time::{Duration, SystemTime};
 /// The layout of [`EntryMeta`] this build writes and reads; a store drops other versions.
 pub const META_VERSION: u8 = 1;
 
-/// Bodies below this are not worth compressing.
-const GZIP_MIN: usize = 256;
 /// Bookkeeping bytes counted per entry on top of the bodies.
 const ENTRY_OVERHEAD: usize = 256;
+/// An entry's weight counts `body / GZIP_ROOM_DIVISOR` for a gzip form made after it was
+/// stored (license pages compress about 5:1); a gzip form larger than that is not kept, so the
+/// weight never undercounts what the entry holds.
+const GZIP_ROOM_DIVISOR: usize = 3;
 
 /// What a stored answer is, in plain values any store can serialize.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,7 +50,8 @@ pub struct EntryMeta {
 pub struct StoredEntry {
     pub meta: EntryMeta,
     pub body: Bytes,
-    /// Compressed once, when the answer was stored; `None` when small or not smaller.
+    /// Compressed once per answer; `None` when small, not smaller, or not made yet (a store
+    /// may write an entry before its gzip form is ready: see [`Entry::to_stored`]).
     pub gzip: Option<Bytes>,
 }
 
@@ -60,6 +68,9 @@ pub struct Entry {
     status: StatusCode,
     content_type: HeaderValue,
     etag: HeaderValue,
+    /// In-process only: the gzip form made after the entry was built, when `stored.gzip` is
+    /// `None` (shared by weak reference with the compression job, see [`gzip`]).
+    late_gzip: Arc<GzipSlot>,
     /// In-process only: one background refresh at a time while stale.
     refreshing: AtomicBool,
     /// In-process only: a 200 license page read once, the first time a walk or a device lookup
@@ -109,7 +120,8 @@ pub enum Freshness {
 }
 
 impl Entry {
-    /// A fresh upstream answer, fetched at `fetched_at` (use [`super::clock::now`]).
+    /// A fresh upstream answer, fetched at `fetched_at` (use [`super::clock::now`]), without its
+    /// gzip form: see [`Entry::compress_later`].
     pub fn new(
         status: StatusCode,
         content_type: HeaderValue,
@@ -136,7 +148,7 @@ impl Entry {
                     content_type: content_type_text,
                     etag: etag_text,
                 },
-                gzip: gzip(&body),
+                gzip: None,
                 // An upstream body may be a slice of a larger read buffer: keep an exact-size
                 // copy so the cache holds what its weigher counts, not the buffer behind it.
                 body: Bytes::copy_from_slice(&body),
@@ -144,6 +156,7 @@ impl Entry {
             status,
             content_type,
             etag,
+            late_gzip: Arc::default(),
             refreshing: AtomicBool::new(false),
             page: OnceLock::new(),
         }
@@ -163,14 +176,24 @@ impl Entry {
             content_type,
             etag,
             stored,
+            late_gzip: Arc::default(),
             refreshing: AtomicBool::new(false),
             page: OnceLock::new(),
         })
     }
 
-    /// What a store keeps.
+    /// What a store keeps, as the entry was built (its gzip form only if it came with it).
     pub fn stored(&self) -> &StoredEntry {
         &self.stored
+    }
+
+    /// What a store keeps, with the gzip form if it is ready by now.
+    pub fn to_stored(&self) -> StoredEntry {
+        let mut stored = self.stored.clone();
+        if stored.gzip.is_none() {
+            stored.gzip = self.late_gzip.get().cloned();
+        }
+        stored
     }
 
     pub fn meta(&self) -> &EntryMeta {
@@ -193,8 +216,38 @@ impl Entry {
         &self.stored.body
     }
 
+    /// The gzip form, if it came with the entry or has been made since.
     pub fn gzip(&self) -> Option<&Bytes> {
-        self.stored.gzip.as_ref()
+        self.stored.gzip.as_ref().or_else(|| self.late_gzip.get())
+    }
+
+    /// True if a gzip form may still come: the body is worth compressing and no compression
+    /// of it has ended yet.
+    pub fn gzip_pending(&self) -> bool {
+        self.stored.gzip.is_none()
+            && self.stored.body.len() >= GZIP_MIN
+            && !self.late_gzip.is_done()
+    }
+
+    /// The room counted in [`Entry::weight`] for a gzip form made later.
+    fn gzip_room(&self) -> usize {
+        self.stored.body.len() / GZIP_ROOM_DIVISOR
+    }
+
+    /// Queues the gzip form's compression on the compressor threads, unless it is there,
+    /// queued, or not worth it; returns at once. When the queue is full nothing is queued, and a
+    /// later call (the next gzip request for the entry) asks again.
+    pub fn compress_later(&self) {
+        if self.gzip_pending() {
+            self.late_gzip.request(&self.stored.body, self.gzip_room());
+        }
+    }
+
+    /// Makes the gzip form here and now, if it may still come (benches and tests).
+    pub fn compress_now(&self) {
+        if self.gzip_pending() {
+            self.late_gzip.fill(&self.stored.body, self.gzip_room());
+        }
     }
 
     pub fn fetched_at(&self) -> SystemTime {
@@ -223,7 +276,12 @@ impl Entry {
 
     /// Seconds of freshness left (the `max-age` to send).
     pub fn fresh_left(&self, now: SystemTime, w: &Windows) -> u64 {
-        self.fresh_for(w).saturating_sub(self.age(now)).as_secs()
+        self.fresh_left_at(self.age(now), w)
+    }
+
+    /// [`Entry::fresh_left`] for an age already known.
+    pub fn fresh_left_at(&self, age: Duration, w: &Windows) -> u64 {
+        self.fresh_for(w).saturating_sub(age).as_secs()
     }
 
     /// Both stale windows count from the moment the entry became stale (RFC 5861). Negative
@@ -268,8 +326,9 @@ impl Entry {
             })
     }
 
-    /// The weight counted against `cache.max_bytes`: the bodies, bookkeeping, and room for the
-    /// page index a walk may add.
+    /// The weight counted against `cache.max_bytes`: the bodies (a gzip form made later counts
+    /// as the room kept for it from the start, so the weight does not change), bookkeeping, and
+    /// room for the page index a walk may add.
     pub fn weight(&self) -> u32 {
         let body = self.stored.body.len();
         let index = if self.status.is_success() {
@@ -277,7 +336,12 @@ impl Entry {
         } else {
             0
         };
-        let n = body + self.gzip().map_or(0, Bytes::len) + ENTRY_OVERHEAD + index;
+        let gzip = match &self.stored.gzip {
+            Some(gz) => gz.len(),
+            None if body >= GZIP_MIN => self.gzip_room(),
+            None => 0,
+        };
+        let n = body + gzip + ENTRY_OVERHEAD + index;
         u32::try_from(n).unwrap_or(u32::MAX)
     }
 }
@@ -303,25 +367,6 @@ impl Drop for RefreshClaim {
             self.entry.refreshing.store(false, Ordering::Release);
         }
     }
-}
-
-/// Compressed once, at insert; kept only if smaller.
-fn gzip(body: &[u8]) -> Option<Bytes> {
-    gzip_parts(&[body])
-}
-
-/// Gzip of the concatenated parts (level 6), or `None` when small or not smaller.
-pub fn gzip_parts(parts: &[&[u8]]) -> Option<Bytes> {
-    let len: usize = parts.iter().map(|p| p.len()).sum();
-    if len < GZIP_MIN {
-        return None;
-    }
-    let mut enc = GzEncoder::new(Vec::with_capacity(len / 4), flate2::Compression::new(6));
-    for p in parts {
-        enc.write_all(p).ok()?;
-    }
-    let out = enc.finish().ok()?;
-    (out.len() < len).then(|| Bytes::from(out.into_boxed_slice()))
 }
 
 #[cfg(test)]
@@ -388,55 +433,104 @@ mod tests {
         assert_eq!(e.freshness(now, &windows()), Freshness::Fresh);
     }
 
+    fn device_list(n: usize) -> Vec<u8> {
+        (0..n)
+            .flat_map(|i| format!("{{\"deviceId\":\"{i}\"}},").into_bytes())
+            .collect()
+    }
+
+    fn gunzip(gz: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(gz), &mut out).unwrap();
+        out
+    }
+
     #[test]
     fn gzip_round_trip_and_etag() {
-        let body: Vec<u8> = (0..2000)
-            .flat_map(|i| format!("{{\"deviceId\":\"{i}\"}},").into_bytes())
-            .collect();
+        let body = device_list(2000);
         let e = Entry::new(
             StatusCode::OK,
             crate::respond::JSON,
             Bytes::from(body.clone()),
             SystemTime::now(),
         );
-        let gz = e.gzip().unwrap().clone();
-        let mut out = Vec::new();
-        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz[..]), &mut out).unwrap();
-        assert_eq!(out, body);
+        assert!(
+            e.gzip().is_none() && e.gzip_pending(),
+            "made after, not at build"
+        );
+        let weight = e.weight();
+        e.compress_now();
+        assert!(!e.gzip_pending());
+        assert_eq!(gunzip(e.gzip().unwrap()), body);
+        assert_eq!(e.weight(), weight, "the room was counted from the start");
+        assert!(e.gzip().unwrap().len() <= e.gzip_room());
         let etag = e.etag().to_str().unwrap();
         assert!(etag.starts_with('"') && etag.ends_with('"') && etag.len() == 26);
         assert_eq!(e.meta().etag, etag);
-        assert!(Entry::new(
+        let small = Entry::new(
             StatusCode::OK,
             crate::respond::JSON,
             Bytes::from_static(b"{}"),
             SystemTime::now(),
-        )
-        .gzip()
-        .is_none());
+        );
+        assert!(!small.gzip_pending());
+        small.compress_now();
+        assert!(small.gzip().is_none());
+    }
+
+    /// The first answer never waits for gzip: the form is made on the compressor threads and
+    /// shows up in the entry (and in what a store would write) when ready.
+    #[test]
+    fn the_gzip_form_arrives_after_the_entry() {
+        let body = device_list(3000);
+        let e = Arc::new(Entry::new(
+            StatusCode::OK,
+            crate::respond::JSON,
+            Bytes::from(body.clone()),
+            SystemTime::now(),
+        ));
+        assert!(e.to_stored().gzip.is_none());
+        e.compress_later();
+        e.compress_later();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while e.gzip_pending() {
+            assert!(std::time::Instant::now() < deadline, "never compressed");
+            // Polled, not spun: the compressor runs at the lowest priority.
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(gunzip(e.gzip().unwrap()), body);
+        assert!(e.stored().gzip.is_none(), "as built");
+        let stored = e.to_stored();
+        assert_eq!(stored.gzip.as_ref(), e.gzip());
+        let back = Entry::from_stored(stored).unwrap();
+        assert_eq!(back.gzip(), e.gzip());
+        assert!(!back.gzip_pending());
+        assert!(back.weight() <= e.weight(), "counts the form it holds");
     }
 
     /// What a shared store would write and read back: the same answer, the same headers.
     #[test]
     fn the_stored_form_round_trips_and_is_versioned() {
-        let body: Vec<u8> = (0..200)
-            .flat_map(|i| format!("{{\"deviceId\":\"{i}\"}},").into_bytes())
-            .collect();
         let e = Entry::new(
             StatusCode::NOT_FOUND,
             HeaderValue::from_static("application/json; charset=utf-8"),
-            Bytes::from(body),
+            Bytes::from(device_list(200)),
             SystemTime::now(),
         );
-        let text = serde_json::to_vec(e.stored()).unwrap();
+        e.compress_now();
+        assert!(e.gzip().is_some());
+        let text = serde_json::to_vec(&e.to_stored()).unwrap();
         let back: StoredEntry = serde_json::from_slice(&text).unwrap();
-        assert_eq!(&back, e.stored());
+        assert_eq!(back, e.to_stored());
         let back = Entry::from_stored(back).unwrap();
         assert_eq!(back.status(), StatusCode::NOT_FOUND);
         assert_eq!(back.content_type(), "application/json; charset=utf-8");
         assert_eq!(back.etag(), e.etag());
         assert_eq!(back.fetched_at(), e.fetched_at());
         assert_eq!((back.body(), back.gzip()), (e.body(), e.gzip()));
+        // Written before its gzip form was ready: read back without one, made again on demand.
+        let early = Entry::from_stored(e.stored().clone()).unwrap();
+        assert!(early.gzip().is_none() && early.gzip_pending());
         let mut other = e.stored().clone();
         other.meta.version = META_VERSION + 1;
         assert_eq!(Entry::from_stored(other).unwrap_err(), UnreadableEntry);

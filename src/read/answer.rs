@@ -13,33 +13,40 @@ use std::time::SystemTime;
 
 pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 
-/// Header values for the seconds a cached answer reports (`Age`, `max-age`) are made once and
-/// shared: a hit then formats and allocates neither.
+/// Header values for the seconds a cached answer reports (`Age`, `max-age`) are made once, as
+/// static text (about 60 KB for both tables, kept for the life of the process): a hit then
+/// formats, allocates and counts references for neither.
 const PRECOMPUTED_SECONDS: u64 = 3600;
 
-fn seconds_table(render: fn(u64) -> HeaderValue) -> Vec<HeaderValue> {
-    (0..=PRECOMPUTED_SECONDS).map(render).collect()
+fn seconds_table(render: fn(u64) -> String) -> Vec<HeaderValue> {
+    (0..=PRECOMPUTED_SECONDS)
+        .map(|n| {
+            let text: &'static str = Box::leak(render(n).into_boxed_str());
+            HeaderValue::from_static(text)
+        })
+        .collect()
 }
 
 pub fn age_value(secs: u64) -> HeaderValue {
     static TABLE: OnceLock<Vec<HeaderValue>> = OnceLock::new();
-    let table = TABLE.get_or_init(|| seconds_table(HeaderValue::from));
+    let table = TABLE.get_or_init(|| seconds_table(|n| n.to_string()));
     match table.get(secs as usize) {
         Some(v) => v.clone(),
         None => HeaderValue::from(secs),
     }
 }
 
+fn render_cache_control(max_age: u64) -> String {
+    format!("private, max-age={max_age}")
+}
+
 pub fn cache_control_value(max_age: u64) -> HeaderValue {
-    fn render(n: u64) -> HeaderValue {
-        HeaderValue::from_str(&format!("private, max-age={n}"))
-            .unwrap_or(HeaderValue::from_static("private, max-age=0"))
-    }
     static TABLE: OnceLock<Vec<HeaderValue>> = OnceLock::new();
-    let table = TABLE.get_or_init(|| seconds_table(render));
+    let table = TABLE.get_or_init(|| seconds_table(render_cache_control));
     match table.get(max_age as usize) {
         Some(v) => v.clone(),
-        None => render(max_age),
+        None => HeaderValue::from_str(&render_cache_control(max_age))
+            .unwrap_or(HeaderValue::from_static("private, max-age=0")),
     }
 }
 
@@ -89,16 +96,18 @@ pub struct View {
 }
 
 impl View {
-    /// One stored entry at `now`, with the current windows. Shares the entry's `Bytes`.
-    pub fn of_entry(e: &Entry, now: SystemTime, w: &Windows) -> View {
+    /// One stored entry at `now`, with the current windows, its gzip form only if `gzip` (the
+    /// client accepts it). Shares the entry's `Bytes`.
+    pub fn of_entry(e: &Entry, now: SystemTime, w: &Windows, gzip: bool) -> View {
+        let age = e.age(now);
         View {
             status: e.status(),
             content_type: e.content_type().clone(),
             etag: e.etag().clone(),
-            age: e.age(now).as_secs(),
-            fresh_left: e.fresh_left(now, w),
+            age: age.as_secs(),
+            fresh_left: e.fresh_left_at(age, w),
             body: Body::new(e.body().clone()),
-            gzip: e.gzip().cloned(),
+            gzip: if gzip { e.gzip().cloned() } else { None },
         }
     }
 }
@@ -149,7 +158,9 @@ pub fn respond(view: View, result: CacheResult, ctx: &Ctx) -> Response<Body> {
     resp
 }
 
-/// The response for one stored entry at `now`, with the current windows.
+/// The response for one stored entry at `now`, with the current windows. A gzip client that
+/// finds no gzip form yet gets the identity body, and asks for the form to be made if it was
+/// skipped (a full compressor queue, or an entry read from a store without one).
 pub fn entry_response(
     e: &Entry,
     result: CacheResult,
@@ -157,7 +168,11 @@ pub fn entry_response(
     now: SystemTime,
     w: &Windows,
 ) -> Response<Body> {
-    respond(View::of_entry(e, now, w), result, ctx)
+    let view = View::of_entry(e, now, w, ctx.accept_gzip);
+    if ctx.accept_gzip && view.gzip.is_none() {
+        e.compress_later();
+    }
+    respond(view, result, ctx)
 }
 
 #[cfg(test)]
@@ -192,6 +207,7 @@ mod tests {
             Bytes::from(body),
             SystemTime::now(),
         );
+        e.compress_now();
         let w = windows();
         for (gzip, cached) in [(false, e.body()), (true, e.gzip().unwrap())] {
             let r = entry_response(
@@ -233,6 +249,48 @@ mod tests {
             r.headers()[header::CONTENT_LENGTH],
             e.gzip().unwrap().len().to_string().as_str()
         );
+    }
+
+    /// A gzip client that comes before the gzip form is made is answered at once, with the
+    /// identity body and the same ETag; the form then comes and is sent from then on.
+    #[tokio::test]
+    async fn gzip_clients_get_identity_until_the_form_is_made() {
+        let body: Vec<u8> = (0..800)
+            .flat_map(|i| format!("{{\"d\":{i}}},").into_bytes())
+            .collect();
+        let e = Entry::new(
+            StatusCode::OK,
+            crate::respond::JSON,
+            Bytes::from(body),
+            SystemTime::now(),
+        );
+        let w = windows();
+        let r = entry_response(
+            &e,
+            CacheResult::Miss,
+            &ctx(true, false),
+            SystemTime::now(),
+            &w,
+        );
+        assert!(r.headers().get(header::CONTENT_ENCODING).is_none());
+        assert_eq!(r.headers()[header::ETAG], e.etag());
+        assert_eq!(r.body().len(), e.body().len());
+        // That request asked for the form (the fetch asks too; asking twice queues once).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while e.gzip_pending() {
+            assert!(std::time::Instant::now() < deadline, "never compressed");
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        let r = entry_response(
+            &e,
+            CacheResult::Hit,
+            &ctx(true, false),
+            SystemTime::now(),
+            &w,
+        );
+        assert_eq!(r.headers()[header::CONTENT_ENCODING], "gzip");
+        assert_eq!(r.headers()[header::ETAG], e.etag());
+        assert_eq!(r.body().len(), e.gzip().unwrap().len());
     }
 
     #[test]

@@ -1,16 +1,21 @@
 //! The wire to the upstream: one pooled hyper-util client over rustls, behind the small
 //! [`Transport`] trait so unit tests can use an in-memory fake.
+//!
+//! Connections are kept alive and reused (`pool_max_idle_per_host`); each response is counted
+//! in `upstream_connections_total` by whether it came on a new connection or a reused one.
 
+use crate::observe::Metrics;
 use bytes::Bytes;
-use http::{HeaderMap, Method, Request, StatusCode, Uri};
+use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::future::Future;
+use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -57,6 +62,11 @@ pub trait Transport: Send + Sync + 'static {
     fn reconfigure(&self, connect_timeout: Duration, max_response_bytes: usize) {
         let _ = (connect_timeout, max_response_bytes);
     }
+    /// The metrics a transport with connections reports into (`upstream_connections_total`);
+    /// called once, when the [`super::Upstream`] over it is built. Others ignore it.
+    fn attach_metrics(&self, metrics: &Metrics) {
+        let _ = metrics;
+    }
 }
 
 type HttpsClient = Client<hyper_rustls::HttpsConnector<TimedConnector>, Full<Bytes>>;
@@ -64,6 +74,9 @@ type HttpsClient = Client<hyper_rustls::HttpsConnector<TimedConnector>, Full<Byt
 pub struct HttpTransport {
     client: HttpsClient,
     base: String,
+    /// `Host` for every request, made once (hyper-util would format it per request).
+    host: Option<HeaderValue>,
+    metrics: OnceLock<Metrics>,
     /// `max_response_bytes`, checked by our own body reading, so a reload changes it at once.
     max_body: AtomicUsize,
     /// `connect_timeout` in nanoseconds, shared with the connector (which the pool clones).
@@ -91,8 +104,66 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[error("connect timed out")]
 struct ConnectTimedOut;
 
+/// Responses received on one connection so far, shared by the connection and (through hyper's
+/// connection info) every response that comes on it.
+#[derive(Clone, Debug, Default)]
+struct ConnUses(Arc<AtomicU64>);
+
+/// A connection to the upstream that tells hyper-util, through its connection info, how to
+/// count the responses it carries.
+struct CountedIo {
+    io: TokioIo<tokio::net::TcpStream>,
+    uses: ConnUses,
+}
+
+impl Connection for CountedIo {
+    fn connected(&self) -> Connected {
+        self.io.connected().extra(self.uses.clone())
+    }
+}
+
+impl hyper::rt::Read for CountedIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for CountedIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+}
+
 impl tower_service::Service<Uri> for TimedConnector {
-    type Response = TokioIo<tokio::net::TcpStream>;
+    type Response = CountedIo;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
@@ -105,7 +176,10 @@ impl tower_service::Service<Uri> for TimedConnector {
         let connecting = self.inner.call(uri);
         Box::pin(async move {
             match tokio::time::timeout(timeout, connecting).await {
-                Ok(done) => done.map_err(Into::into),
+                Ok(done) => done.map_err(Into::into).map(|io| CountedIo {
+                    io,
+                    uses: ConnUses::default(),
+                }),
                 Err(_) => Err(ConnectTimedOut.into()),
             }
         })
@@ -137,9 +211,17 @@ impl HttpTransport {
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(64)
             .build(connector);
+        let base = base_url.trim_end_matches('/').to_string();
+        let host = base
+            .parse::<Uri>()
+            .ok()
+            .and_then(|u| u.authority().map(|a| a.as_str().to_string()))
+            .and_then(|a| HeaderValue::from_str(&a).ok());
         Ok(Self {
             client,
-            base: base_url.trim_end_matches('/').to_string(),
+            base,
+            host,
+            metrics: OnceLock::new(),
             max_body: AtomicUsize::new(max_body),
             connect_timeout,
         })
@@ -152,6 +234,9 @@ impl HttpTransport {
         let mut builder = Request::builder().method(req.method).uri(uri);
         if let Some(h) = builder.headers_mut() {
             *h = req.headers;
+            if let Some(host) = &self.host {
+                h.entry(http::header::HOST).or_insert_with(|| host.clone());
+            }
         }
         let request = builder
             .body(Full::new(req.body))
@@ -165,6 +250,7 @@ impl HttpTransport {
                 TransportError::Closed(msg)
             }
         })?;
+        self.count_connection(resp.extensions().get::<ConnUses>());
         let (parts, body) = resp.into_parts();
         let declared = parts
             .headers
@@ -193,6 +279,20 @@ impl HttpTransport {
     }
 }
 
+impl HttpTransport {
+    /// One response: on a new connection (its first) or a reused one.
+    fn count_connection(&self, uses: Option<&ConnUses>) {
+        let (Some(m), Some(uses)) = (self.metrics.get(), uses) else {
+            return;
+        };
+        if uses.0.fetch_add(1, Ordering::Relaxed) == 0 {
+            m.upstream_connections_new.inc();
+        } else {
+            m.upstream_connections_reused.inc();
+        }
+    }
+}
+
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut msg = e.to_string();
     let mut src = e.source();
@@ -217,5 +317,9 @@ impl Transport for HttpTransport {
         self.connect_timeout
             .store(nanos(connect_timeout), Ordering::Relaxed);
         self.max_body.store(max_response_bytes, Ordering::Relaxed);
+    }
+
+    fn attach_metrics(&self, metrics: &Metrics) {
+        let _ = self.metrics.set(metrics.clone());
     }
 }

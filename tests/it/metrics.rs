@@ -176,3 +176,42 @@ async fn scrape_has_every_required_metric_and_no_ids() {
     assert!(!text.contains("123456"), "a raw path is in /metrics");
     assert!(text.contains("route=\"unmatched\",status=\"404\""));
 }
+
+/// Upstream connections are kept alive: sequential misses reuse them, and every upstream
+/// response is counted once in `upstream_connections_total`, new or reused.
+#[tokio::test]
+async fn upstream_connections_are_reused_and_counted() {
+    let sim = start_sim(sim_opts()).await;
+    let gw = start_gateway(config(&sim.base_url(), "")).await;
+    wait_ready(&gw).await;
+    let account = sim.account_names()[0].clone();
+    let imeis = sim.imeis(&account);
+    for imei in &imeis[..10] {
+        let r = get(&format!(
+            "{}{}",
+            gw.base_url(),
+            license_path(&account, *imei)
+        ))
+        .await;
+        assert_eq!(r.header("x-cache"), "MISS");
+    }
+    let text = String::from_utf8_lossy(&get(&format!("{}/metrics", gw.admin_url())).await.body)
+        .to_string();
+    let new = value(
+        &text,
+        "thingspace_gateway_upstream_connections_total{reused=\"false\"}",
+    );
+    let reused = value(
+        &text,
+        "thingspace_gateway_upstream_connections_total{reused=\"true\"}",
+    );
+    let upstream = ["oauth_token", "session_login", "licenses"]
+        .iter()
+        .map(|e| sim.count(e))
+        .sum::<u64>();
+    assert_eq!(sim.count("licenses"), 10);
+    assert_eq!(new + reused, upstream as f64);
+    assert!(new >= 1.0);
+    // One client at a time: a connection is back in the pool long before the next miss.
+    assert!(reused >= 8.0, "new {new}, reused {reused}");
+}

@@ -1,0 +1,244 @@
+//! Gzip forms, made off the async workers and off the response path.
+//!
+//! A stored page gains its gzip form after its first answer went out: [`GzipSlot::request`]
+//! queues the page on a small pool of compressor threads at the lowest CPU priority (nice 19 on
+//! Linux, so they use the CPU the request path leaves; bounded: when the queue is full the page
+//! is skipped and the next gzip request for it asks again), and the slot is filled when the
+//! compression is done. Until then gzip clients get the identity body; nobody waits.
+//!
+//! Each compressor thread (and each thread that calls [`gzip_parts`]) keeps one deflate state and
+//! resets it per body: a fresh state per page costs a ~300 KB allocation, its page faults and a
+//! `memset`, more than compressing an 8 KB page.
+
+use bytes::Bytes;
+use flate2::{Compress, Compression, Crc, FlushCompress, Status};
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::{Arc, OnceLock, Weak};
+
+/// Bodies below this are not worth compressing.
+pub const GZIP_MIN: usize = 256;
+/// Pages waiting for a compressor; more are skipped (asked again by a later gzip request).
+const QUEUE: usize = 512;
+/// The gzip member header: no name, no time, OS unknown (what flate2's `GzEncoder` writes).
+const HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
+
+thread_local! {
+    /// This thread's deflate state (level 6), reset for each body.
+    static DEFLATE: RefCell<Option<Compress>> = const { RefCell::new(None) };
+}
+
+/// Gzip of the concatenated parts (level 6), or `None` when small or not smaller.
+pub fn gzip_parts(parts: &[&[u8]]) -> Option<Bytes> {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    if len < GZIP_MIN {
+        return None;
+    }
+    let out = DEFLATE.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let state = cell.get_or_insert_with(|| Compress::new(Compression::new(6), false));
+        state.reset();
+        let out = deflate(state, parts, len);
+        if out.is_none() {
+            // Whatever went wrong, the next body starts from a fresh state.
+            *cell = None;
+        }
+        out
+    })?;
+    (out.len() < len).then(|| Bytes::from(out.into_boxed_slice()))
+}
+
+/// One gzip member of `parts` with a reset raw-deflate `state`.
+fn deflate(state: &mut Compress, parts: &[&[u8]], len: usize) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(len / 4 + 64);
+    out.extend_from_slice(&HEADER);
+    let mut crc = Crc::new();
+    let room = |out: &mut Vec<u8>| {
+        if out.capacity() - out.len() < 64 {
+            out.reserve(out.capacity().max(1024));
+        }
+    };
+    for part in parts {
+        crc.update(part);
+        let mut input = *part;
+        while !input.is_empty() {
+            room(&mut out);
+            let before = state.total_in();
+            state
+                .compress_vec(input, &mut out, FlushCompress::None)
+                .ok()?;
+            let used = usize::try_from(state.total_in() - before).ok()?;
+            input = input.get(used..)?;
+        }
+    }
+    loop {
+        room(&mut out);
+        if state
+            .compress_vec(&[], &mut out, FlushCompress::Finish)
+            .ok()?
+            == Status::StreamEnd
+        {
+            break;
+        }
+    }
+    out.extend_from_slice(&crc.sum().to_le_bytes());
+    out.extend_from_slice(&crc.amount().to_le_bytes());
+    Some(out)
+}
+
+/// Where an entry's gzip form lands once made. Shared with the queued job by a weak reference:
+/// an entry dropped from the cache before its turn is not compressed.
+#[derive(Debug, Default)]
+pub struct GzipSlot {
+    /// `Some(None)`: compressed, but not worth keeping (not smaller, or over the room counted
+    /// for it in the entry's weight).
+    form: OnceLock<Option<Bytes>>,
+    /// A job for this slot is queued or running.
+    queued: AtomicBool,
+}
+
+impl GzipSlot {
+    /// The gzip form, once made and kept.
+    pub fn get(&self) -> Option<&Bytes> {
+        self.form.get().and_then(Option::as_ref)
+    }
+
+    /// True once a compression has ended, kept or not.
+    pub fn is_done(&self) -> bool {
+        self.form.get().is_some()
+    }
+
+    /// Compresses `body` here and now, keeping the result if at most `room` bytes.
+    pub fn fill(&self, body: &[u8], room: usize) {
+        let gz = gzip_parts(&[body]).filter(|gz| gz.len() <= room);
+        let _ = self.form.set(gz);
+    }
+
+    /// Queues the compression of `body` on the compressor pool, unless done or queued already.
+    pub fn request(self: &Arc<Self>, body: &Bytes, room: usize) {
+        if self.is_done() || self.queued.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let job = Job {
+            body: body.clone(),
+            room,
+            slot: Arc::downgrade(self),
+        };
+        let sent = match pool() {
+            Some(tx) => tx.try_send(job),
+            None => Err(TrySendError::Disconnected(job)),
+        };
+        if sent.is_err() {
+            // Skipped: the next gzip request for this entry asks again.
+            self.queued.store(false, Ordering::Release);
+        }
+    }
+}
+
+struct Job {
+    body: Bytes,
+    room: usize,
+    slot: Weak<GzipSlot>,
+}
+
+/// Compression uses only CPU the request path leaves: on a machine with every core busy serving
+/// (or a server pinned to one core) a compression in progress must not delay an answer.
+fn lowest_priority() {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = rustix::process::setpriority_process(None, 19) {
+        tracing::debug!(error = %e, "cannot lower the gzip thread's priority");
+    }
+}
+
+/// The compressor pool's queue, started on first use: half the cores, 1 to 4 threads. `None`
+/// if no thread could be started (pages are then served identity only).
+fn pool() -> Option<&'static SyncSender<Job>> {
+    static POOL: OnceLock<Option<SyncSender<Job>>> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get() / 2)
+            .clamp(1, 4);
+        let (tx, rx) = sync_channel::<Job>(QUEUE);
+        let rx = Arc::new(parking_lot::Mutex::new(rx));
+        let mut started = 0;
+        for i in 0..threads {
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("gzip-{i}"))
+                .spawn(move || {
+                    lowest_priority();
+                    loop {
+                        let job = match rx.lock().recv() {
+                            Ok(job) => job,
+                            Err(_) => return,
+                        };
+                        if let Some(slot) = job.slot.upgrade() {
+                            slot.fill(&job.body, job.room);
+                        }
+                    }
+                });
+            match spawned {
+                Ok(_) => started += 1,
+                Err(e) => tracing::warn!(error = %e, "cannot start a gzip thread"),
+            }
+        }
+        (started > 0).then_some(tx)
+    })
+    .as_ref()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    fn gunzip(gz: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(gz)
+            .read_to_end(&mut out)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn parts_round_trip_with_a_reused_state() {
+        let body: Vec<u8> = (0..3000)
+            .flat_map(|i| format!("{{\"deviceId\":\"{i}\"}},").into_bytes())
+            .collect();
+        for _ in 0..3 {
+            let gz = gzip_parts(&[&body[..10], &[], &body[10..5000], &body[5000..]]).unwrap();
+            assert_eq!(gunzip(&gz), body);
+            let mut d = flate2::read::MultiGzDecoder::new(&gz[..]);
+            let mut out = Vec::new();
+            d.read_to_end(&mut out).unwrap();
+            assert_eq!(out, body, "one well-formed member");
+        }
+        assert!(gzip_parts(&[b"{}"]).is_none(), "too small");
+        let mut rng = fastrand::Rng::with_seed(7);
+        let noise: Vec<u8> = (0..4096).map(|_| rng.u8(..)).collect();
+        assert!(gzip_parts(&[&noise]).is_none(), "not smaller");
+    }
+
+    #[test]
+    fn a_slot_is_filled_by_the_pool_and_keeps_only_what_fits() {
+        let body = Bytes::from(
+            (0..2000)
+                .flat_map(|i| format!("{{\"deviceId\":\"{i}\"}},").into_bytes())
+                .collect::<Vec<u8>>(),
+        );
+        let slot = Arc::new(GzipSlot::default());
+        slot.request(&body, body.len());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !slot.is_done() {
+            assert!(std::time::Instant::now() < deadline, "never compressed");
+            // Polled, not spun: the compressor runs at the lowest priority.
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(gunzip(slot.get().unwrap()), body);
+        slot.request(&body, body.len());
+        let tight = GzipSlot::default();
+        tight.fill(&body, 10);
+        assert!(tight.is_done() && tight.get().is_none(), "over its room");
+    }
+}

@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10s}
 CONNS=${CONNS:-64}
-SECTIONS=${SECTIONS:-hits,stampede,miss,walk,memory}   # any subset, comma-separated
+SECTIONS=${SECTIONS:-hits,stampede,miss,walk,memory,fleet}   # any subset, comma-separated
 want() { [[ ",$SECTIONS," == *",$1,"* ]]; }
 P=${BASE_PORT:-18000}
 SIM=127.0.0.1:$((P + 81)); GW=127.0.0.1:$((P + 80)); GW_ADMIN=127.0.0.1:$((P + 90))
@@ -403,4 +403,10 @@ python3 -c "
 rss = float('$rss') / 2**20; limit = 1.3 * $MEM_MAX_MIB + 64
 print(f'resident: {rss:.1f} MiB; target <= 1.3 x {$MEM_MAX_MIB} + 64 = {limit:.1f} MiB: {\"met\" if rss <= limit else \"MISSED\"}')"
 echo "distinct pages fetched: $(wc -l < "$WORK/all_paths.txt") (identity and gzip)"
+fi
+
+if want fleet; then
+echo
+# SPEC §9's fleet cases, with their own simulator, redis-server and replicas.
+ROUNDS=$ROUNDS DURATION=$DURATION bash benches/fleet.sh
 fi

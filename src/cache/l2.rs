@@ -301,7 +301,7 @@ impl L2 {
             self.release(key, lease).await?;
             return Ok(false);
         }
-        let value = codec::encode(entry.stored(), lease.stamps());
+        let value = codec::encode(&entry.to_stored(), lease.stamps());
         let k = self.keys(key);
         let script = &self.write;
         let written: i64 = self

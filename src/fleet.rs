@@ -27,6 +27,20 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
+/// A lease is a key whose value is its holder's random owner token. Compare-and-delete: released
+/// only by its owner (Debian's Redis 7.0 has neither `SET … IFEQ` nor `DELEX`). KEYS: lease.
+/// ARGV: owner.
+pub const LEASE_RELEASE: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#;
+
+/// Compare-and-expire: only the owner keeps its lease alive. KEYS: lease. ARGV: owner, ms.
+pub const LEASE_RENEW: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"#;
+
 /// How often a replica that treats Redis as down tries it again.
 pub const PROBE_EVERY: Duration = Duration::from_secs(1);
 

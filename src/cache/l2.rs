@@ -60,18 +60,6 @@ if same then return 1 end
 return 0
 "#;
 
-/// KEYS: fill. ARGV: owner, ttl ms.
-const RENEW: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"#;
-
-/// KEYS: fill. ARGV: owner.
-const RELEASE: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"#;
-
 /// One page read from L2.
 pub struct Read {
     /// The entry, when there is one this build can serve and no purge came after its fill.
@@ -147,8 +135,8 @@ impl L2 {
             redis,
             lease: Script::new(LEASE),
             write: Script::new(WRITE),
-            renew: Script::new(RENEW),
-            release: Script::new(RELEASE),
+            renew: Script::new(crate::fleet::LEASE_RENEW),
+            release: Script::new(crate::fleet::LEASE_RELEASE),
         }
     }
 

@@ -215,18 +215,6 @@ end
 return 0
 "#;
 
-/// Compare-and-delete: releases a lease only for its owner. KEYS: lease. ARGV: owner.
-const RELEASE: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"#;
-
-/// Compare-and-expire: the owner keeps its lease alive. KEYS: lease. ARGV: owner, ms.
-const RENEW: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"#;
-
 fn guard_script(body: &str) -> Script {
     Script::new(&format!("{GUARD_PRELUDE}{body}"))
 }
@@ -239,5 +227,7 @@ pub(super) static PUBLISH_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::ne
 pub(super) static OFFER_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(OFFER));
 pub(super) static INVALIDATE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(INVALIDATE));
 pub(super) static TOUCH_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(TOUCH));
-pub(super) static RELEASE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE));
-pub(super) static RENEW_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RENEW));
+pub(super) static RELEASE_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(crate::fleet::LEASE_RELEASE));
+pub(super) static RENEW_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(crate::fleet::LEASE_RENEW));

@@ -1,5 +1,6 @@
 //! The fleet's scripts on a real `redis-server` (started here on a free port): one lease at a
-//! time, fenced tokens, and the guard across replicas, a flush and a reset.
+//! time, fenced tokens, and the guard across replicas, a flush and a reset. Compiled only in
+//! tests: `#[cfg(test)]` is on its `mod` line in `credentials/fleet.rs`.
 
 use super::*;
 use crate::credentials::{RESET_ATTEMPTS, STOP_AT_ATTEMPTS};

@@ -4,7 +4,7 @@
 
 use crate::common::*;
 use crate::fleet::{eventually, metric};
-use crate::redis::{fleet_config, RedisServer};
+use crate::redis::{fleet_config, ready_replicas, RedisServer};
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::BodyExt;
@@ -21,13 +21,7 @@ const OPEN_BUDGET: &str =
 
 /// Three replicas of one fleet, tokens held.
 async fn fleet(sim: &Simulator, redis: &RedisServer, extra: &str) -> Vec<Running> {
-    let mut replicas = Vec::new();
-    for _ in 0..3 {
-        let gw = start_gateway(fleet_config(&sim.base_url(), redis, extra)).await;
-        wait_ready(&gw).await;
-        replicas.push(gw);
-    }
-    replicas
+    ready_replicas(&fleet_config(&sim.base_url(), redis, extra)).await
 }
 
 fn page_url(gw: &Running, account: &str, cursor: u64) -> String {

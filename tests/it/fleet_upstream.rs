@@ -5,7 +5,7 @@
 
 use crate::common::*;
 use crate::fleet::{eventually, metric};
-use crate::redis::{fleet_config, RedisServer};
+use crate::redis::{fleet_config, ready_replicas, RedisServer};
 use http::StatusCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,13 +29,7 @@ fn budget_toml(upstream: &str) -> String {
 }
 
 async fn three_replicas(sim: &Simulator, redis: &RedisServer, extra: &str) -> Vec<Running> {
-    let mut replicas = Vec::new();
-    for _ in 0..3 {
-        let gw = start_gateway(fleet_config(&sim.base_url(), redis, &budget_toml(extra))).await;
-        wait_ready(&gw).await;
-        replicas.push(gw);
-    }
-    replicas
+    ready_replicas(&fleet_config(&sim.base_url(), redis, &budget_toml(extra))).await
 }
 
 /// Every upstream call the simulator saw, any endpoint and status.

@@ -6,6 +6,7 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+use thingspace_gateway::runtime::Running;
 
 pub struct RedisServer {
     child: Option<Child>,
@@ -204,4 +205,15 @@ pub fn fleet_config(
 ) -> thingspace_gateway::config::Config {
     thingspace_gateway::config::from_toml_with_env(&fleet_config_text(base_url, redis, extra), &[])
         .expect("valid fleet test config")
+}
+
+/// Three replicas of one fleet from `cfg`, started one after another, each ready (tokens held).
+pub async fn ready_replicas(cfg: &thingspace_gateway::config::Config) -> Vec<Running> {
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        let gw = super::common::start_gateway(cfg.clone()).await;
+        super::common::wait_ready(&gw).await;
+        replicas.push(gw);
+    }
+    replicas
 }

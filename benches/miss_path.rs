@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use thingspace_gateway::cache::{
-    clock, gzip_parts, Entry, FillOptions, Key, Kind, MokaStore, PageCache, Want, Windows,
+    clock, gzip_parts, Entry, FillOptions, Key, Kind, MemStore, PageCache, Want, Windows,
 };
 use thingspace_gateway::upstream::is_json_object;
 
@@ -59,7 +59,7 @@ fn answer(c: &mut Criterion) {
         .build()
         .expect("runtime");
     let cache = PageCache::new(
-        Arc::new(MokaStore::new(256 << 20, windows())),
+        Arc::new(MemStore::new(256 << 20, windows())),
         256 << 20,
         windows(),
     );

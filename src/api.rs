@@ -5,13 +5,13 @@
 //! the request headers read and the response headers written.
 
 use crate::api::route::{route, Route, RouteError};
-use crate::cache::{Key, Kind};
+use crate::cache::{clock, Key, Kind};
 use crate::clients::Principal;
 use crate::clients::{Clients, ClientsError};
-use crate::config::{ClientsConfig, Settings};
+use crate::config::{ClientsConfig, Config, Settings};
 use crate::error::GatewayError;
 use crate::observe::{Metrics, RouteLabel};
-use crate::read::{CacheResult, Ctx, Reader};
+use crate::read::{Answer, CacheResult, Ctx, Reader};
 use crate::respond::Handler;
 use crate::respond::{json_value, Body};
 use arc_swap::ArcSwap;
@@ -131,10 +131,7 @@ impl State {
     ) -> Result<(Response<Body>, Option<CacheResult>), GatewayError> {
         let headers = RequestHeaders::read(req.headers());
         headers.check_limits(ctx.cfg.server.max_header_bytes.as_usize())?;
-        let authorization = headers
-            .authorization
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+        let authorization = headers.authorization().map(str::to_string);
         if matches!(route, Route::Token) {
             let token = self.token(authorization.as_deref(), req.into_body());
             return Ok((Box::pin(token).await?, None));
@@ -154,15 +151,9 @@ impl State {
             }
         }
         let key = match &route {
-            Route::LicensePage { account, index } => Key {
-                kind: Kind::Page,
-                account: account.clone(),
-                index: *index,
-            },
-            Route::Subscription { account } => Key {
-                kind: Kind::Subscription,
-                account: account.clone(),
-                index: 0,
+            Route::LicensePage { .. } | Route::Subscription { .. } => match cache_key(&route) {
+                Some(key) => key,
+                None => return Err(GatewayError::NotFound),
             },
             // The other routes' futures are boxed: inline, the largest of them (a walk) would set
             // the size of every request's future, which is moved several times per request.
@@ -184,6 +175,38 @@ impl State {
         };
         let (entry, result) = self.reader.cached(key, ctx).await?;
         Ok((self.reader.respond(&entry, result, ctx), Some(result)))
+    }
+}
+
+/// A request's facts, before it is routed or authenticated.
+fn new_ctx(headers: &RequestHeaders, head: bool, started: Instant, cfg: Arc<Config>) -> Ctx {
+    Ctx {
+        request_id: headers.request_id(),
+        started,
+        deadline: started + cfg.server.request_timeout.0,
+        head,
+        accept_gzip: headers.accept_gzip,
+        if_none_match: headers.if_none_match(),
+        attempts: AtomicU32::new(0),
+        who: Principal::Anonymous,
+        cfg,
+    }
+}
+
+/// The cache key of a route answered from one stored entry.
+fn cache_key(route: &Route) -> Option<Key> {
+    match route {
+        Route::LicensePage { account, index } => Some(Key {
+            kind: Kind::Page,
+            account: account.clone(),
+            index: *index,
+        }),
+        Route::Subscription { account } => Some(Key {
+            kind: Kind::Subscription,
+            account: account.clone(),
+            index: 0,
+        }),
+        _ => None,
     }
 }
 
@@ -281,22 +304,21 @@ impl ClientApi {
     }
 
     /// The whole client request, as the listener runs it.
-    pub async fn serve<B: ClientBody>(&self, req: Request<B>) -> Response<Body> {
+    /// (Its future is declared `Send` here, where that is proven; generic callers, such as the
+    /// HTTP/1.1 front, could not prove it themselves.)
+    pub fn serve<B: ClientBody>(
+        &self,
+        req: Request<B>,
+    ) -> impl Future<Output = Response<Body>> + Send + '_ {
+        self.serve_inner(req)
+    }
+
+    async fn serve_inner<B: ClientBody>(&self, req: Request<B>) -> Response<Body> {
         let g = &self.0;
         let started = Instant::now();
         let cfg = g.settings.current();
         let headers = RequestHeaders::read(req.headers());
-        let mut ctx = Ctx {
-            request_id: headers.request_id(),
-            started,
-            deadline: started + cfg.server.request_timeout.0,
-            head: req.method() == Method::HEAD,
-            accept_gzip: headers.accept_gzip,
-            if_none_match: headers.if_none_match.cloned(),
-            attempts: AtomicU32::new(0),
-            who: Principal::Anonymous,
-            cfg,
-        };
+        let mut ctx = new_ctx(&headers, req.method() == Method::HEAD, started, cfg);
         let method = req.method().clone();
         let routed = route(req.method(), req.uri().path());
         let label = routed
@@ -329,9 +351,81 @@ impl ClientApi {
                 (r, None)
             }
         };
-        let status = resp.status().as_u16();
-        let elapsed = started.elapsed();
-        g.metrics.record_http(label, status, elapsed.as_secs_f64());
+        g.finish(&method, label, resp.status(), cache, &ctx);
+        // Moved, not cloned: the request is done with it.
+        resp.headers_mut()
+            .insert(headers::X_REQUEST_ID, ctx.request_id);
+        resp
+    }
+
+    /// A body-less GET or HEAD answered from a fresh cached entry, for the HTTP/1.1 front
+    /// (`runtime::h1`), with what [`serve`](Self::serve) would answer: the answer and its
+    /// request id, everything counted and logged. `None` for any other request, before any
+    /// effect (the client's rate is charged only once the hit is certain); the front then
+    /// gives the request to [`serve`](Self::serve).
+    pub fn fresh_hit<'a>(
+        &'a self,
+        head: bool,
+        path: &'a str,
+        raw: &'a [httparse::Header<'a>],
+        started: Instant,
+    ) -> impl Future<Output = Option<(Answer, HeaderValue)>> + Send + 'a {
+        self.fresh_hit_inner(head, path, raw, started)
+    }
+
+    async fn fresh_hit_inner(
+        &self,
+        head: bool,
+        path: &str,
+        raw: &[httparse::Header<'_>],
+        started: Instant,
+    ) -> Option<(Answer, HeaderValue)> {
+        let g = &self.0;
+        let method = if head { Method::HEAD } else { Method::GET };
+        let route = route(&method, path).ok()?;
+        let key = cache_key(&route)?;
+        let headers = RequestHeaders::read_raw(raw);
+        let cfg = g.settings.current();
+        headers
+            .check_limits(cfg.server.max_header_bytes.as_usize())
+            .ok()?;
+        if g.inflight.load(Ordering::Relaxed) >= cfg.server.max_inflight {
+            return None;
+        }
+        let ctx = new_ctx(&headers, head, started, cfg);
+        let entry = g.reader.cache().get(&key)?;
+        let answer = g.reader.fresh_answer(&entry, &ctx, clock::at(started))?;
+        {
+            let clients = g.clients.load();
+            let who = clients.authenticate(headers.authorization()).ok()?;
+            clients.authorize(&who, route.account()).ok()?;
+        }
+        g.reader.metrics().lookup_hit.inc();
+        g.finish(
+            &method,
+            route.label(),
+            answer.status,
+            Some(CacheResult::Hit),
+            &ctx,
+        );
+        Some((answer, ctx.request_id))
+    }
+}
+
+impl State {
+    /// Counts the request and writes its access log line.
+    fn finish(
+        &self,
+        method: &Method,
+        label: RouteLabel,
+        status: StatusCode,
+        cache: Option<CacheResult>,
+        ctx: &Ctx,
+    ) {
+        let status = status.as_u16();
+        let elapsed = ctx.started.elapsed();
+        self.metrics
+            .record_http(label, status, elapsed.as_secs_f64());
         tracing::info!(
             target: ACCESS_LOG,
             request_id = ctx.request_id.to_str().unwrap_or("-"),
@@ -343,9 +437,5 @@ impl ClientApi {
             duration_ms = elapsed.as_secs_f64() * 1000.0,
             "request"
         );
-        // Moved, not cloned: the request is done with it.
-        resp.headers_mut()
-            .insert(headers::X_REQUEST_ID, ctx.request_id);
-        resp
     }
 }

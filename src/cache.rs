@@ -5,7 +5,7 @@
 //! - [`entry`]: what is stored ([`StoredEntry`]: versioned, serializable [`EntryMeta`] and the
 //!   bodies) and the in-process extras next to it; freshness against [`Windows`].
 //! - [`clock`]: the wall clock fetch times are written in, following tokio's (paused) time.
-//! - [`store`]: the [`CacheStore`] seam, [`MokaStore`] (the L1), and [`L1`] with its purge epoch.
+//! - [`store`]: the [`CacheStore`] seam, [`MemStore`] (the L1), and [`L1`] with its purge epoch.
 //! - [`flight`]: [`SingleFlight`], one fetch per key at a time.
 //! - [`fill`]: one fill of a missed key: L2 read, fleet fill lease, upstream fetch.
 //! - [`l2`]: the fleet's shared store in Redis, its purges and the purge subscription.
@@ -25,7 +25,7 @@ pub use entry::{
 };
 pub use fill::{FillFailed, FillResult, Filled, Origin, Want};
 pub use flight::{Join, Missed, SingleFlight};
-pub use store::{CacheStore, MokaStore, StoreFuture, L1};
+pub use store::{CacheStore, MemStore, StoreFuture, L1};
 
 use crate::error::GatewayError;
 use crate::fleet::Redis;
@@ -85,8 +85,8 @@ pub struct PageCache {
 
 impl PageCache {
     /// The L1 entry for `key`, if any (fresh or not: the caller judges). Never touches Redis.
-    pub async fn get(&self, key: &Key) -> Option<Arc<Entry>> {
-        self.l1.store().get(key).await
+    pub fn get(&self, key: &Key) -> Option<Arc<Entry>> {
+        self.l1.store().get(key)
     }
 
     /// Drops every entry of `account`, from the whole fleet in fleet mode; returns how many
@@ -263,7 +263,7 @@ mod tests {
     #[tokio::test]
     async fn a_fetch_that_panics_answers_its_waiters_and_frees_the_key() {
         let cache = Arc::new(PageCache::new(
-            Arc::new(MokaStore::new(1 << 20, windows())),
+            Arc::new(MemStore::new(1 << 20, windows())),
             1 << 20,
             windows(),
         ));
@@ -306,13 +306,13 @@ mod tests {
             .await;
         assert_eq!(join, Join::Leader);
         assert_eq!(result.unwrap().origin, Origin::Upstream);
-        assert!(cache.get(&page_key()).await.is_some());
+        assert!(cache.get(&page_key()).is_some());
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_caller_past_its_deadline_gets_a_timeout() {
         let cache = PageCache::new(
-            Arc::new(MokaStore::new(1 << 20, windows())),
+            Arc::new(MemStore::new(1 << 20, windows())),
             1 << 20,
             windows(),
         );

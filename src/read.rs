@@ -18,13 +18,14 @@ use crate::respond::Body;
 use crate::upstream::routes::Resource;
 use crate::upstream::transport::OutRequest;
 use crate::upstream::Upstream;
-pub use answer::{entry_response, CacheResult};
+pub use answer::{entry_response, Answer, CacheResult};
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Response, StatusCode};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::time::SystemTime;
 use tokio::time::Instant;
 
 /// True for upstream errors whose `errorCode` says the session is gone.
@@ -126,6 +127,14 @@ impl Reader {
     /// The answer for one cached entry, its age measured from when the request arrived.
     pub fn respond(&self, e: &Entry, result: CacheResult, ctx: &Ctx) -> Response<Body> {
         entry_response(e, result, ctx, clock::at(ctx.started), &ctx.windows())
+    }
+
+    /// The answer for a fresh entry (a HIT) at `now` (when the request arrived, on the cache's
+    /// clock), for the HTTP/1.1 front; `None` when `e` is not fresh. Nothing is counted.
+    pub fn fresh_answer(&self, e: &Entry, ctx: &Ctx, now: SystemTime) -> Option<Answer> {
+        let windows = ctx.windows();
+        (e.freshness(now, &windows) == Freshness::Fresh)
+            .then(|| answer::entry_answer(e, CacheResult::Hit, ctx, now, &windows))
     }
 }
 
@@ -242,7 +251,7 @@ impl Reader {
         // The request's start stands for "now": freshness measured from when the client asked.
         let now = clock::at(ctx.started);
         let windows = ctx.windows();
-        let existing = self.cache.get(&key).await;
+        let existing = self.cache.get(&key);
         if let Some(e) = &existing {
             match e.freshness(now, &windows) {
                 Freshness::Fresh => {

@@ -52,6 +52,15 @@ impl Body {
         self.chunks().next().is_none()
     }
 
+    /// Chunk `i`, for writers that keep no iterator.
+    pub fn chunk(&self, i: usize) -> Option<&Bytes> {
+        match &self.chunks {
+            Chunks::Empty => None,
+            Chunks::One(b) => (i == 0).then_some(b),
+            Chunks::Many(list) => list.get(i),
+        }
+    }
+
     /// The chunks themselves (tests check that they share the cached buffers).
     pub fn chunks(&self) -> impl Iterator<Item = &Bytes> {
         let (one, many) = match &self.chunks {

@@ -1,5 +1,6 @@
 //! The gateway's shared state, built once at start-up, and the listeners that serve it.
 
+pub mod h1;
 pub mod listener;
 mod reload;
 
@@ -7,7 +8,7 @@ pub use reload::ReloadReport;
 
 use crate::admin::{AdminApi, Reloader, View};
 use crate::api::ClientApi;
-use crate::cache::{MokaStore, PageCache, Windows};
+use crate::cache::{MemStore, PageCache, Windows};
 use crate::clients::Clients;
 use crate::config::{Config, LoadMeta, Settings};
 use crate::credentials::{TokenManager, TokenSettings, UpstreamCredentials};
@@ -194,7 +195,7 @@ impl Gateway {
         let windows = Windows::from_config(&cfg.cache);
         let cache = Arc::new(
             PageCache::new(
-                Arc::new(MokaStore::new(cfg.cache.max_bytes.0, windows)),
+                Arc::new(MemStore::new(cfg.cache.max_bytes.0, windows)),
                 cfg.cache.max_bytes.0,
                 windows,
             )
@@ -367,6 +368,7 @@ impl Running {
                 s.max_connections,
                 client_opts,
                 Arc::new(gateway.client_api()),
+                Some(gateway.client_api()),
                 shutdown.clone(),
             )),
             tokio::spawn(serve(
@@ -374,6 +376,7 @@ impl Running {
                 s.max_connections,
                 admin_opts,
                 Arc::new(gateway.admin_api()),
+                None,
                 shutdown,
             )),
         ];

@@ -3,7 +3,7 @@
 
 use crate::error::GatewayError;
 use bytes::{Bytes, BytesMut};
-use http::{header, HeaderMap, HeaderValue};
+use http::{header, HeaderMap, HeaderName, HeaderValue};
 use std::cell::RefCell;
 
 pub use crate::respond::X_REQUEST_ID;
@@ -12,12 +12,13 @@ pub use crate::respond::X_REQUEST_ID;
 pub const MAX_HEADERS: usize = 100;
 
 /// The request headers the client API reads, found in one pass (one comparison of names per
-/// header instead of one hash lookup per name), and the sizes the limits are checked on.
+/// header instead of one hash lookup per name), and the sizes the limits are checked on. Read
+/// from hyper's `HeaderMap` or straight from the parsed head of the HTTP/1.1 front.
 pub(super) struct RequestHeaders<'a> {
-    pub request_id: Option<&'a HeaderValue>,
+    pub request_id: Option<&'a [u8]>,
     pub accept_gzip: bool,
-    pub if_none_match: Option<&'a HeaderValue>,
-    pub authorization: Option<&'a HeaderValue>,
+    pub if_none_match: Option<&'a [u8]>,
+    pub authorization: Option<&'a [u8]>,
     /// Header lines, `Host` included.
     pub count: usize,
     /// Names and values of all headers.
@@ -26,6 +27,19 @@ pub(super) struct RequestHeaders<'a> {
 
 impl<'a> RequestHeaders<'a> {
     pub fn read(headers: &'a HeaderMap) -> Self {
+        Self::from_pairs(
+            headers
+                .iter()
+                .map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes())),
+        )
+    }
+
+    /// From a head as `httparse` parsed it (names in any case).
+    pub fn read_raw(headers: &'a [httparse::Header<'a>]) -> Self {
+        Self::from_pairs(headers.iter().map(|h| (h.name.as_bytes(), h.value)))
+    }
+
+    fn from_pairs(pairs: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> Self {
         let mut h = RequestHeaders {
             request_id: None,
             accept_gzip: false,
@@ -34,16 +48,17 @@ impl<'a> RequestHeaders<'a> {
             count: 0,
             bytes: 0,
         };
-        for (name, value) in headers {
+        for (name, value) in pairs {
             h.count += 1;
-            h.bytes += name.as_str().len() + value.len();
-            if name == header::ACCEPT_ENCODING {
+            h.bytes += name.len() + value.len();
+            let is = |n: &HeaderName| name.eq_ignore_ascii_case(n.as_str().as_bytes());
+            if is(&header::ACCEPT_ENCODING) {
                 h.accept_gzip = h.accept_gzip || value_accepts_gzip(value);
-            } else if name == header::IF_NONE_MATCH {
+            } else if is(&header::IF_NONE_MATCH) {
                 h.if_none_match.get_or_insert(value);
-            } else if name == header::AUTHORIZATION {
+            } else if is(&header::AUTHORIZATION) {
                 h.authorization.get_or_insert(value);
-            } else if name == X_REQUEST_ID {
+            } else if is(&X_REQUEST_ID) {
                 h.request_id.get_or_insert(value);
             }
         }
@@ -60,12 +75,24 @@ impl<'a> RequestHeaders<'a> {
 
     /// The client's `X-Request-Id` when it is sane (1-128 visible ASCII), else a new one.
     pub fn request_id(&self) -> HeaderValue {
-        match self.request_id.filter(|v| {
-            (1..=128).contains(&v.len()) && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
-        }) {
-            Some(v) => v.clone(),
+        match self
+            .request_id
+            .filter(|v| (1..=128).contains(&v.len()) && v.iter().all(|b| b.is_ascii_graphic()))
+        {
+            Some(v) => HeaderValue::from_bytes(v).unwrap_or_else(|_| new_request_id()),
             None => new_request_id(),
         }
+    }
+
+    /// `If-None-Match`, when it is a valid header value.
+    pub fn if_none_match(&self) -> Option<HeaderValue> {
+        self.if_none_match
+            .and_then(|v| HeaderValue::from_bytes(v).ok())
+    }
+
+    /// `Authorization` as text (a value that is not UTF-8 authenticates no one).
+    pub fn authorization(&self) -> Option<&'a str> {
+        self.authorization.and_then(|v| std::str::from_utf8(v).ok())
     }
 }
 
@@ -92,37 +119,45 @@ fn new_request_id() -> HeaderValue {
 }
 
 fn id_batch() -> Bytes {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
+    // Two hex digits per byte, from a table: a batch costs a few instructions per id.
+    static PAIRS: [[u8; 2]; 256] = {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut t = [[0u8; 2]; 256];
+        let mut i = 0;
+        while i < 256 {
+            t[i] = [HEX[i >> 4], HEX[i & 0xf]];
+            i += 1;
+        }
+        t
+    };
     let mut buf = BytesMut::with_capacity(IDS_PER_BATCH * ID_LEN);
     for _ in 0..IDS_PER_BATCH * ID_LEN / 16 {
-        let mut w = fastrand::u64(..);
-        let mut digits = [0u8; 16];
-        for d in &mut digits {
-            *d = HEX[(w & 0xf) as usize];
-            w >>= 4;
+        for byte in fastrand::u64(..).to_le_bytes() {
+            buf.extend_from_slice(&PAIRS[usize::from(byte)]);
         }
-        buf.extend_from_slice(&digits);
     }
     buf.freeze()
 }
 
 /// `gzip` (or `*`) listed with a non-zero q in one `Accept-Encoding` value.
-fn value_accepts_gzip(v: &HeaderValue) -> bool {
-    let bytes = v.as_bytes();
+fn value_accepts_gzip(bytes: &[u8]) -> bool {
     // Most values name no gzip at all ("identity", "br"): no parsing for those.
     if !bytes.iter().any(|&b| b == b'*' || b | 0x20 == b'g') {
         return false;
     }
-    v.to_str().unwrap_or("").split(',').any(|item| {
-        let mut parts = item.split(';');
-        let name = parts.next().unwrap_or("").trim();
-        let q_zero = parts.any(|p| {
-            let p = p.trim();
-            p.strip_prefix("q=")
-                .is_some_and(|q| q.trim().parse::<f32>().map(|q| q == 0.0).unwrap_or(false))
-        });
-        (name.eq_ignore_ascii_case("gzip") || name == "*") && !q_zero
-    })
+    std::str::from_utf8(bytes)
+        .unwrap_or("")
+        .split(',')
+        .any(|item| {
+            let mut parts = item.split(';');
+            let name = parts.next().unwrap_or("").trim();
+            let q_zero = parts.any(|p| {
+                let p = p.trim();
+                p.strip_prefix("q=")
+                    .is_some_and(|q| q.trim().parse::<f32>().map(|q| q == 0.0).unwrap_or(false))
+            });
+            (name.eq_ignore_ascii_case("gzip") || name == "*") && !q_zero
+        })
 }
 
 /// `gzip` (or `*`) listed with a non-zero q in any `Accept-Encoding` header.
@@ -176,8 +211,8 @@ mod tests {
         h.insert(header::AUTHORIZATION, "Basic eA==".parse().unwrap());
         let r = RequestHeaders::read(&h);
         assert!(r.accept_gzip);
-        assert_eq!(r.if_none_match.unwrap(), "\"x\"");
-        assert_eq!(r.authorization.unwrap(), "Basic eA==");
+        assert_eq!(r.if_none_match.unwrap(), b"\"x\"");
+        assert_eq!(r.authorization(), Some("Basic eA=="));
         assert_eq!(r.count, 4);
         assert!(r.request_id.is_none());
     }

@@ -60,13 +60,19 @@ pub enum CacheResult {
 
 impl CacheResult {
     pub fn header(self) -> HeaderValue {
-        HeaderValue::from_static(match self {
-            CacheResult::Hit => "HIT",
-            CacheResult::Miss => "MISS",
-            CacheResult::Stale => "STALE",
-        })
+        const HIT: HeaderValue = HeaderValue::from_static("HIT");
+        const MISS: HeaderValue = HeaderValue::from_static("MISS");
+        const STALE: HeaderValue = HeaderValue::from_static("STALE");
+        match self {
+            CacheResult::Hit => HIT,
+            CacheResult::Miss => MISS,
+            CacheResult::Stale => STALE,
+        }
     }
 }
+
+const VARY: HeaderValue = HeaderValue::from_static("accept-encoding");
+const GZIP: HeaderValue = HeaderValue::from_static("gzip");
 
 fn etag_matches(inm: &HeaderValue, etag: &HeaderValue) -> bool {
     let Ok(list) = inm.to_str() else {
@@ -122,40 +128,93 @@ pub fn not_modified(status: StatusCode, etag: &HeaderValue, ctx: &Ctx) -> bool {
             .is_some_and(|inm| etag_matches(inm, etag))
 }
 
-/// The response for a cached answer: copies no body bytes.
-pub fn respond(view: View, result: CacheResult, ctx: &Ctx) -> Response<Body> {
+/// A cached answer, decided once for both of its writers: [`Answer::into_response`] for the
+/// hyper path, [`Answer::for_each_header`] for the client API's own HTTP/1.1 writer
+/// (`runtime::h1`). Copies no body bytes.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    content_type: HeaderValue,
+    cache: CacheResult,
+    age: u64,
+    etag: HeaderValue,
+    fresh_left: u64,
+    gzip: bool,
+    /// `Content-Length` of a HEAD answer: what the GET would send.
+    head_length: Option<usize>,
+    /// Empty for HEAD and 304.
+    pub body: Body,
+}
+
+impl Answer {
+    /// Every header of the answer, in order (`Date` and, for a GET, `Content-Length` are the
+    /// writer's).
+    pub fn for_each_header(&self, mut f: impl FnMut(&HeaderName, &HeaderValue)) {
+        f(&header::CONTENT_TYPE, &self.content_type);
+        f(&X_CACHE, &self.cache.header());
+        f(&header::AGE, &age_value(self.age));
+        f(&header::ETAG, &self.etag);
+        f(
+            &header::CACHE_CONTROL,
+            &cache_control_value(self.fresh_left),
+        );
+        f(&header::VARY, &VARY);
+        if self.gzip {
+            f(&header::CONTENT_ENCODING, &GZIP);
+        }
+        if let Some(n) = self.head_length {
+            f(&header::CONTENT_LENGTH, &HeaderValue::from(n));
+        }
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        // Room for every header this answer gets, so inserting never regrows the map.
+        let mut headers = HeaderMap::with_capacity(12);
+        self.for_each_header(|name, value| {
+            headers.insert(name, value.clone());
+        });
+        let mut resp = Response::new(self.body);
+        *resp.status_mut() = self.status;
+        *resp.headers_mut() = headers;
+        resp
+    }
+}
+
+/// The answer for `view`: 304 when `If-None-Match` matches, no body for HEAD, the gzip form
+/// for a client that accepts it.
+pub fn answer(view: View, result: CacheResult, ctx: &Ctx) -> Answer {
     let not_modified = not_modified(view.status, &view.etag, ctx);
     let gzip = view.gzip.filter(|_| ctx.accept_gzip);
     let sent_len = gzip.as_ref().map_or_else(|| view.body.len(), Bytes::len);
-    let mut resp = if not_modified || ctx.head {
-        Response::new(Body::default())
+    let gzip_sent = gzip.is_some() && !not_modified;
+    let body = if not_modified || ctx.head {
+        Body::default()
     } else {
-        match &gzip {
-            Some(gz) => Response::new(Body::new(gz.clone())),
-            None => Response::new(view.body),
+        match gzip {
+            Some(gz) => Body::new(gz),
+            None => view.body,
         }
     };
-    // Room for every header this answer gets, so inserting never regrows the map.
-    *resp.headers_mut() = HeaderMap::with_capacity(12);
-    *resp.status_mut() = if not_modified {
-        StatusCode::NOT_MODIFIED
-    } else {
-        view.status
-    };
-    let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, view.content_type);
-    h.insert(X_CACHE, result.header());
-    h.insert(header::AGE, age_value(view.age));
-    h.insert(header::ETAG, view.etag);
-    h.insert(header::CACHE_CONTROL, cache_control_value(view.fresh_left));
-    h.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
-    if gzip.is_some() && !not_modified {
-        h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    Answer {
+        status: if not_modified {
+            StatusCode::NOT_MODIFIED
+        } else {
+            view.status
+        },
+        content_type: view.content_type,
+        cache: result,
+        age: view.age,
+        etag: view.etag,
+        fresh_left: view.fresh_left,
+        gzip: gzip_sent,
+        head_length: (ctx.head && !not_modified).then_some(sent_len),
+        body,
     }
-    if ctx.head && !not_modified {
-        h.insert(header::CONTENT_LENGTH, HeaderValue::from(sent_len));
-    }
-    resp
+}
+
+/// The response for a cached answer: copies no body bytes.
+pub fn respond(view: View, result: CacheResult, ctx: &Ctx) -> Response<Body> {
+    answer(view, result, ctx).into_response()
 }
 
 /// The response for one stored entry at `now`, with the current windows. A gzip client that
@@ -168,11 +227,22 @@ pub fn entry_response(
     now: SystemTime,
     w: &Windows,
 ) -> Response<Body> {
+    entry_answer(e, result, ctx, now, w).into_response()
+}
+
+/// [`entry_response`] before it becomes a `Response`.
+pub fn entry_answer(
+    e: &Entry,
+    result: CacheResult,
+    ctx: &Ctx,
+    now: SystemTime,
+    w: &Windows,
+) -> Answer {
     let view = View::of_entry(e, now, w, ctx.accept_gzip);
     if ctx.accept_gzip && view.gzip.is_none() {
         e.compress_later();
     }
-    respond(view, result, ctx)
+    answer(view, result, ctx)
 }
 
 #[cfg(test)]

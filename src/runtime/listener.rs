@@ -5,9 +5,15 @@
 //! awaited in the loop), and shutdown drains them through hyper-util's `GracefulShutdown`.
 //! A connection whose peer reads nothing of its answer for `write_timeout` is closed.
 
+use super::h1::{self, Limits, Outcome};
+use crate::api::ClientApi;
+use crate::respond::Body;
 pub use crate::util::Shutdown;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::HttpService;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -42,12 +48,14 @@ pub use crate::respond::Handler;
 
 /// Serves until `shutdown` fires, then waits up to `shutdown_grace` for in-flight connections.
 /// At most `max_connections` at once (a permit is taken before `accept`); `options` gives each
-/// new connection its settings.
+/// new connection its settings. With `front` (the client API), each connection starts in the
+/// HTTP/1.1 front ([`super::h1`]) and reaches hyper only if the front hands it over.
 pub async fn serve<H: Handler>(
     listener: TcpListener,
     max_connections: usize,
     options: impl Fn() -> ServeOptions + Send + Sync + 'static,
     handler: Arc<H>,
+    front: Option<ClientApi>,
     shutdown: Shutdown,
 ) {
     let permits = Arc::new(Semaphore::new(max_connections));
@@ -72,7 +80,7 @@ pub async fn serve<H: Handler>(
         let _ = stream.set_nodelay(true);
         let opts = options();
         let stream = WriteTimeout::new(stream, opts.write_timeout);
-        let mut builder = hyper::server::conn::http1::Builder::new();
+        let mut builder = http1::Builder::new();
         builder
             .timer(TokioTimer::new())
             .header_read_timeout(opts.header_read_timeout)
@@ -86,26 +94,30 @@ pub async fn serve<H: Handler>(
             let handler = handler.clone();
             async move { Ok::<_, std::convert::Infallible>(handler.handle(req).await) }
         });
+        // Held for the connection's whole life, front included: shutdown waits for it.
         let watcher = graceful.watcher();
+        let front = front.clone().map(|api| {
+            let limits = Limits {
+                header_read_timeout: opts.header_read_timeout,
+                max_head_bytes: opts.max_head_bytes,
+            };
+            (api, limits, shutdown.clone())
+        });
         match opts.tls {
             None => {
-                let conn = builder.serve_connection(TokioIo::new(stream), service);
                 tokio::spawn(async move {
-                    let _ = watcher.watch(conn).await;
+                    connection(stream, builder, service, watcher, front).await;
                     drop(permit);
                 });
             }
             Some(acceptor) => {
                 let handshake_timeout = opts.header_read_timeout;
                 tokio::spawn(async move {
-                    let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream))
-                        .await
+                    if let Ok(Ok(tls)) =
+                        tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
                     {
-                        Ok(Ok(tls)) => tls,
-                        _ => return,
-                    };
-                    let conn = builder.serve_connection(TokioIo::new(tls), service);
-                    let _ = watcher.watch(conn).await;
+                        connection(tls, builder, service, watcher, front).await;
+                    }
                     drop(permit);
                 });
             }
@@ -118,6 +130,31 @@ pub async fn serve<H: Handler>(
         _ = tokio::time::sleep(grace) => {
             tracing::warn!(grace = ?grace, "shutdown grace elapsed with connections still open");
         }
+    }
+}
+
+/// One connection: in the HTTP/1.1 front when there is one, in hyper otherwise or once the
+/// front hands it over.
+async fn connection<IO, S>(
+    mut io: IO,
+    builder: http1::Builder,
+    service: S,
+    watcher: Watcher,
+    front: Option<(ClientApi, Limits, Shutdown)>,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: HttpService<Incoming, ResBody = Body>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let Some((api, limits, shutdown)) = front else {
+        let _ = watcher
+            .watch(builder.serve_connection(TokioIo::new(io), service))
+            .await;
+        return;
+    };
+    if let Outcome::HandOver(read) = h1::serve(&mut io, &api, limits, &shutdown).await {
+        let io = TokioIo::new(h1::Rewind::new(read, io));
+        let _ = watcher.watch(builder.serve_connection(io, service)).await;
     }
 }
 

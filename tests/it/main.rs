@@ -10,6 +10,7 @@ mod fleet;
 mod fleet_cache;
 mod fleet_tokens;
 mod fleet_upstream;
+mod front;
 mod fuzz;
 mod gateway;
 mod lockout;

@@ -393,7 +393,7 @@ impl ClientApi {
             return None;
         }
         let ctx = new_ctx(&headers, head, started, cfg);
-        let entry = g.reader.cache().get(&key)?;
+        let entry = g.reader.cache().get(&key, started)?;
         let answer = g.reader.fresh_answer(&entry, &ctx, clock::at(started))?;
         {
             let clients = g.clients.load();

@@ -85,8 +85,9 @@ pub struct PageCache {
 
 impl PageCache {
     /// The L1 entry for `key`, if any (fresh or not: the caller judges). Never touches Redis.
-    pub fn get(&self, key: &Key) -> Option<Arc<Entry>> {
-        self.l1.store().get(key)
+    /// `now` is when the request arrived (an entry whose lifetime is over by then is absent).
+    pub fn get(&self, key: &Key, now: Instant) -> Option<Arc<Entry>> {
+        self.l1.store().get(key, now)
     }
 
     /// Drops every entry of `account`, from the whole fleet in fleet mode; returns how many
@@ -306,7 +307,7 @@ mod tests {
             .await;
         assert_eq!(join, Join::Leader);
         assert_eq!(result.unwrap().origin, Origin::Upstream);
-        assert!(cache.get(&page_key()).is_some());
+        assert!(cache.get(&page_key(), Instant::now()).is_some());
     }
 
     #[tokio::test(start_paused = true)]

@@ -18,7 +18,7 @@ use crate::respond::Body;
 use crate::upstream::routes::Resource;
 use crate::upstream::transport::OutRequest;
 use crate::upstream::Upstream;
-pub use answer::{entry_response, Answer, CacheResult};
+pub use answer::{entry_response, Answer, CacheResult, Field};
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Response, StatusCode};
 use std::future::Future;
@@ -251,7 +251,7 @@ impl Reader {
         // The request's start stands for "now": freshness measured from when the client asked.
         let now = clock::at(ctx.started);
         let windows = ctx.windows();
-        let existing = self.cache.get(&key);
+        let existing = self.cache.get(&key, ctx.started);
         if let Some(e) = &existing {
             match e.freshness(now, &windows) {
                 Freshness::Fresh => {

@@ -2,7 +2,7 @@
 //! the header limits, read in one pass over its headers.
 
 use crate::error::GatewayError;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue};
 use std::cell::RefCell;
 
@@ -130,13 +130,14 @@ fn id_batch() -> Bytes {
         }
         t
     };
-    let mut buf = BytesMut::with_capacity(IDS_PER_BATCH * ID_LEN);
-    for _ in 0..IDS_PER_BATCH * ID_LEN / 16 {
-        for byte in fastrand::u64(..).to_le_bytes() {
-            buf.extend_from_slice(&PAIRS[usize::from(byte)]);
+    let mut buf = [0u8; IDS_PER_BATCH * ID_LEN];
+    for digits in buf.chunks_exact_mut(16) {
+        let random = fastrand::u64(..).to_le_bytes();
+        for (pair, byte) in digits.chunks_exact_mut(2).zip(random) {
+            pair.copy_from_slice(&PAIRS[usize::from(byte)]);
         }
     }
-    buf.freeze()
+    Bytes::copy_from_slice(&buf)
 }
 
 /// `gzip` (or `*`) listed with a non-zero q in one `Accept-Encoding` value.

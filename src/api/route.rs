@@ -116,11 +116,15 @@ fn check_method(method: &Method, post: bool) -> Result<(), RouteError> {
 /// Maps a method and a raw path (no query) to a route.
 pub fn route(method: &Method, path: &str) -> Result<Route, RouteError> {
     if let Some(rest) = path.strip_prefix(LICENSES) {
-        // `{account}/index/{startIndex}`, split without allocating.
-        let Some((acct, idx)) = rest
-            .split_once('/')
-            .and_then(|(a, r)| r.strip_prefix("index/").map(|i| (a, i)))
-            .filter(|(_, i)| !i.contains('/'))
+        // `{account}/index/{startIndex}`, split without allocating (the hottest route: plain
+        // byte scans).
+        let Some(slash) = rest.bytes().position(|b| b == b'/') else {
+            return Err(RouteError::NotFound);
+        };
+        let (acct, tail) = rest.split_at(slash);
+        let Some(idx) = tail
+            .strip_prefix("/index/")
+            .filter(|i| !i.bytes().any(|b| b == b'/'))
         else {
             return Err(RouteError::NotFound);
         };

@@ -16,8 +16,9 @@ pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// The calls the read path and the admin API make on a store.
 pub trait CacheStore: Send + Sync + 'static {
-    /// The entry under `key` unless its lifetime is over. Never waits: every cache hit runs it.
-    fn get(&self, key: &Key) -> Option<Arc<Entry>>;
+    /// The entry under `key` unless its lifetime is over at `now`. Never waits: every cache hit
+    /// runs it.
+    fn get(&self, key: &Key, now: Instant) -> Option<Arc<Entry>>;
     /// Stores `entry` under `key`, replacing what was there.
     fn put(&self, key: Key, entry: Arc<Entry>) -> StoreFuture<'_, ()>;
     fn remove<'a>(&'a self, key: &'a Key) -> StoreFuture<'a, ()>;
@@ -78,8 +79,14 @@ impl Slot {
 impl MemStore {
     /// `windows` bound how long entries are kept (see the type's documentation).
     pub fn new(max_bytes: u64, windows: Windows) -> Self {
+        Self::with_shards(max_bytes, windows, SHARDS)
+    }
+
+    fn with_shards(max_bytes: u64, windows: Windows, shards: usize) -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| RwLock::new(Shard::default())).collect(),
+            shards: (0..shards.max(1))
+                .map(|_| RwLock::new(Shard::default()))
+                .collect(),
             hasher: foldhash::fast::RandomState::default(),
             windows,
             max_bytes,
@@ -89,7 +96,7 @@ impl MemStore {
     }
 
     fn shard(&self, key: &Key) -> &RwLock<Shard> {
-        &self.shards[self.hasher.hash_one(key) as usize % SHARDS]
+        &self.shards[self.hasher.hash_one(key) as usize % self.shards.len()]
     }
 
     fn insert(&self, key: Key, entry: Arc<Entry>) {
@@ -134,18 +141,21 @@ impl MemStore {
         }
     }
 
-    /// Evicts, one victim per shard in turn, until the store is within `max_bytes` (or holds
-    /// nothing more to evict).
+    /// Evicts, one victim per shard in turn, until the store is within `max_bytes`. A shard
+    /// whose entries were all read since the hand last passed is skipped (their marks cleared)
+    /// while other shards have unread ones; after two rounds without a victim, read entries go
+    /// too; after four, the store holds nothing more to evict.
     fn evict_over_budget(&self, now: Instant) {
-        let mut empty_in_a_row = 0;
-        while self.bytes.load(Ordering::Relaxed) > self.max_bytes && empty_in_a_row < SHARDS {
-            let i = self.hand.fetch_add(1, Ordering::Relaxed) % SHARDS;
-            match self.shards[i].write().evict_one(now) {
+        let shards = self.shards.len();
+        let mut misses = 0;
+        while self.bytes.load(Ordering::Relaxed) > self.max_bytes && misses < 4 * shards {
+            let i = self.hand.fetch_add(1, Ordering::Relaxed) % shards;
+            match self.shards[i].write().evict_one(now, misses >= 2 * shards) {
                 Some(weight) => {
                     self.bytes.fetch_sub(weight, Ordering::Relaxed);
-                    empty_in_a_row = 0;
+                    misses = 0;
                 }
-                None => empty_in_a_row += 1,
+                None => misses += 1,
             }
         }
     }
@@ -173,17 +183,15 @@ impl MemStore {
 
 impl Shard {
     /// Drops the next victim under the hand: the first entry whose lifetime is over or that was
-    /// not read since the hand last passed it. Returns its weight; `None` when the shard is
-    /// empty.
-    fn evict_one(&mut self, now: Instant) -> Option<u64> {
-        // Each live entry gets at most one second chance per call.
-        let mut chances = self.ring.len();
-        while let Some((key, gen)) = self.ring.pop_front() {
+    /// not read since the hand last passed it (any entry when `force`), clearing the marks it
+    /// passes. Returns its weight; `None` after one turn of the clock without a victim.
+    fn evict_one(&mut self, now: Instant, force: bool) -> Option<u64> {
+        for _ in 0..self.ring.len() {
+            let (key, gen) = self.ring.pop_front()?;
             let Some(slot) = self.slots.get(&key).filter(|s| s.gen == gen) else {
                 continue;
             };
-            if chances > 0 && slot.live(now) && slot.referenced.swap(false, Ordering::Relaxed) {
-                chances -= 1;
+            if !force && slot.live(now) && slot.referenced.swap(false, Ordering::Relaxed) {
                 self.ring.push_back((key, gen));
                 continue;
             }
@@ -203,10 +211,10 @@ impl Shard {
 }
 
 impl CacheStore for MemStore {
-    fn get(&self, key: &Key) -> Option<Arc<Entry>> {
+    fn get(&self, key: &Key, now: Instant) -> Option<Arc<Entry>> {
         let shard = self.shard(key).read();
         let slot = shard.slots.get(key)?;
-        if !slot.live(Instant::now()) {
+        if !slot.live(now) {
             return None;
         }
         // Written only when it changes: a hot entry's line is not dirtied on every hit.
@@ -353,15 +361,15 @@ mod tests {
         }
         // Last fetched at 3.9 s: kept until 8.9 s, well past the first insert's 5 s.
         tokio::time::advance(Duration::from_millis(4900)).await;
-        assert!(store.get(&page_key()).is_some());
+        assert!(store.get(&page_key(), Instant::now()).is_some());
         tokio::time::advance(Duration::from_millis(100)).await;
-        assert!(store.get(&page_key()).is_none());
+        assert!(store.get(&page_key(), Instant::now()).is_none());
         // Negative answers live for their own fresh time only.
         store.put(page_key(), entry(400, b"{}")).await;
         tokio::time::advance(Duration::from_millis(29_999)).await;
-        assert!(store.get(&page_key()).is_some());
+        assert!(store.get(&page_key(), Instant::now()).is_some());
         tokio::time::advance(Duration::from_millis(1)).await;
-        assert!(store.get(&page_key()).is_none());
+        assert!(store.get(&page_key(), Instant::now()).is_none());
         assert_eq!(store.size().await, (0, 0));
     }
 
@@ -374,43 +382,54 @@ mod tests {
         let old = entry(200, b"{\"v\":1}");
         tokio::time::advance(Duration::from_secs(3901)).await;
         store.put(page_key(), entry(200, b"{}")).await;
-        assert!(store.get(&page_key()).is_some());
+        assert!(store.get(&page_key(), Instant::now()).is_some());
         store.put(page_key(), old).await;
         assert!(
-            store.get(&page_key()).is_none(),
+            store.get(&page_key(), Instant::now()).is_none(),
             "kept past its own lifetime"
         );
     }
 
-    /// CLOCK: entries read since the hand last passed them outlive those that were not.
+    /// CLOCK (one shard, so the order is exact): entries read since the hand last passed them
+    /// outlive those that were not; the bytes stay within the bound with any number of shards.
     #[tokio::test]
     async fn read_entries_outlive_unread_ones() {
         let weight = u64::from(entry(200, &[b'x'; 1000]).weight());
-        let store = MemStore::new(weight * 64, windows());
         let key = |i: u64| Key {
             kind: Kind::Page,
             account: "a".into(),
             index: i,
         };
+        let store = MemStore::with_shards(weight * 64, windows(), 1);
         for i in 0..64 {
             store.put(key(i), entry(200, &[b'x'; 1000])).await;
         }
-        for i in 0..8 {
-            assert!(store.get(&key(i)).is_some());
+        for round in 0..3 {
+            for i in 0..8 {
+                assert!(
+                    store.get(&key(i), Instant::now()).is_some(),
+                    "read entry {i} evicted in round {round}"
+                );
+            }
+            for i in 0..32 {
+                let i = 64 + 32 * round + i;
+                store.put(key(i), entry(200, &[b'x'; 1000])).await;
+            }
         }
-        for i in 64..96 {
-            store.put(key(i), entry(200, &[b'x'; 1000])).await;
+        assert_eq!(store.size().await, (64, weight * 64));
+        for shards in [16, 3] {
+            let store = MemStore::with_shards(weight * 64, windows(), shards);
+            for i in 0..500 {
+                store.put(key(i), entry(200, &[b'x'; 1000])).await;
+                let (_, bytes) = store.size().await;
+                assert!(bytes <= weight * 64, "{bytes}");
+            }
+            assert_eq!(store.size().await.0, 64);
         }
-        for i in 0..8 {
-            assert!(store.get(&key(i)).is_some(), "read entry {i} evicted");
-        }
-        let (entries, bytes) = store.size().await;
-        assert!(bytes <= weight * 64, "{bytes}");
-        assert_eq!(entries, 64);
         // Heavier than the whole store: not kept.
         let big = MemStore::new(weight / 2, windows());
         big.put(key(0), entry(200, &[b'x'; 1000])).await;
-        assert!(big.get(&key(0)).is_none());
+        assert!(big.get(&key(0), Instant::now()).is_none());
     }
 
     #[tokio::test]
@@ -419,15 +438,15 @@ mod tests {
         let before = l1.epoch();
         l1.put_unless_purged(page_key(), entry(200, b"{}"), before)
             .await;
-        assert!(l1.store().get(&page_key()).is_some());
+        assert!(l1.store().get(&page_key(), Instant::now()).is_some());
         assert_eq!(l1.purge_account("a").await, 1);
         // Began before the purge, lands after it: not stored.
         l1.put_unless_purged(page_key(), entry(200, b"{}"), before)
             .await;
-        assert!(l1.store().get(&page_key()).is_none());
+        assert!(l1.store().get(&page_key(), Instant::now()).is_none());
         l1.put_unless_purged(page_key(), entry(200, b"{}"), l1.epoch())
             .await;
-        assert!(l1.store().get(&page_key()).is_some());
+        assert!(l1.store().get(&page_key(), Instant::now()).is_some());
         assert_eq!(l1.purge_all().await, 1);
         assert!(l1.epoch() > before);
     }
@@ -449,11 +468,14 @@ mod tests {
         }
         assert_eq!(store.purge_account("a").await, 2);
         assert!(store
-            .get(&Key {
-                kind: Kind::Page,
-                account: "b".into(),
-                index: 0
-            })
+            .get(
+                &Key {
+                    kind: Kind::Page,
+                    account: "b".into(),
+                    index: 0
+                },
+                Instant::now()
+            )
             .is_some());
         assert_eq!(store.purge_all().await, 1);
     }

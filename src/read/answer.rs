@@ -5,7 +5,7 @@
 
 use super::Ctx;
 use crate::cache::{Entry, Windows};
-use crate::respond::Body;
+use crate::respond::{Body, X_REQUEST_ID};
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use std::sync::OnceLock;
@@ -128,6 +128,29 @@ pub fn not_modified(status: StatusCode, etag: &HeaderValue, ctx: &Ctx) -> bool {
             .is_some_and(|inm| etag_matches(inm, etag))
 }
 
+/// A header of a cached answer: its name, and its line's start as HTTP/1.1 writes it.
+pub struct Field {
+    pub name: HeaderName,
+    /// `name: `, lower case.
+    pub line: &'static [u8],
+}
+
+impl Field {
+    const fn new(name: HeaderName, line: &'static [u8]) -> Self {
+        Self { name, line }
+    }
+
+    pub const CONTENT_TYPE: Field = Field::new(header::CONTENT_TYPE, b"content-type: ");
+    pub const X_CACHE: Field = Field::new(X_CACHE, b"x-cache: ");
+    pub const AGE: Field = Field::new(header::AGE, b"age: ");
+    pub const ETAG: Field = Field::new(header::ETAG, b"etag: ");
+    pub const CACHE_CONTROL: Field = Field::new(header::CACHE_CONTROL, b"cache-control: ");
+    pub const VARY: Field = Field::new(header::VARY, b"vary: ");
+    pub const CONTENT_ENCODING: Field = Field::new(header::CONTENT_ENCODING, b"content-encoding: ");
+    pub const CONTENT_LENGTH: Field = Field::new(header::CONTENT_LENGTH, b"content-length: ");
+    pub const X_REQUEST_ID: Field = Field::new(X_REQUEST_ID, b"x-request-id: ");
+}
+
 /// A cached answer, decided once for both of its writers: [`Answer::into_response`] for the
 /// hyper path, [`Answer::for_each_header`] for the client API's own HTTP/1.1 writer
 /// (`runtime::h1`). Copies no body bytes.
@@ -144,34 +167,33 @@ pub struct Answer {
     head_length: Option<usize>,
     /// Empty for HEAD and 304.
     pub body: Body,
+    /// When it was answered (the request's arrival), for `Date`.
+    pub at: SystemTime,
 }
 
 impl Answer {
     /// Every header of the answer, in order (`Date` and, for a GET, `Content-Length` are the
     /// writer's).
-    pub fn for_each_header(&self, mut f: impl FnMut(&HeaderName, &HeaderValue)) {
-        f(&header::CONTENT_TYPE, &self.content_type);
-        f(&X_CACHE, &self.cache.header());
-        f(&header::AGE, &age_value(self.age));
-        f(&header::ETAG, &self.etag);
-        f(
-            &header::CACHE_CONTROL,
-            &cache_control_value(self.fresh_left),
-        );
-        f(&header::VARY, &VARY);
+    pub fn for_each_header(&self, mut f: impl FnMut(&Field, &HeaderValue)) {
+        f(&Field::CONTENT_TYPE, &self.content_type);
+        f(&Field::X_CACHE, &self.cache.header());
+        f(&Field::AGE, &age_value(self.age));
+        f(&Field::ETAG, &self.etag);
+        f(&Field::CACHE_CONTROL, &cache_control_value(self.fresh_left));
+        f(&Field::VARY, &VARY);
         if self.gzip {
-            f(&header::CONTENT_ENCODING, &GZIP);
+            f(&Field::CONTENT_ENCODING, &GZIP);
         }
         if let Some(n) = self.head_length {
-            f(&header::CONTENT_LENGTH, &HeaderValue::from(n));
+            f(&Field::CONTENT_LENGTH, &HeaderValue::from(n));
         }
     }
 
     pub fn into_response(self) -> Response<Body> {
         // Room for every header this answer gets, so inserting never regrows the map.
         let mut headers = HeaderMap::with_capacity(12);
-        self.for_each_header(|name, value| {
-            headers.insert(name, value.clone());
+        self.for_each_header(|field, value| {
+            headers.insert(&field.name, value.clone());
         });
         let mut resp = Response::new(self.body);
         *resp.status_mut() = self.status;
@@ -182,7 +204,7 @@ impl Answer {
 
 /// The answer for `view`: 304 when `If-None-Match` matches, no body for HEAD, the gzip form
 /// for a client that accepts it.
-pub fn answer(view: View, result: CacheResult, ctx: &Ctx) -> Answer {
+pub fn answer(view: View, result: CacheResult, ctx: &Ctx, at: SystemTime) -> Answer {
     let not_modified = not_modified(view.status, &view.etag, ctx);
     let gzip = view.gzip.filter(|_| ctx.accept_gzip);
     let sent_len = gzip.as_ref().map_or_else(|| view.body.len(), Bytes::len);
@@ -209,12 +231,13 @@ pub fn answer(view: View, result: CacheResult, ctx: &Ctx) -> Answer {
         gzip: gzip_sent,
         head_length: (ctx.head && !not_modified).then_some(sent_len),
         body,
+        at,
     }
 }
 
 /// The response for a cached answer: copies no body bytes.
 pub fn respond(view: View, result: CacheResult, ctx: &Ctx) -> Response<Body> {
-    answer(view, result, ctx).into_response()
+    answer(view, result, ctx, SystemTime::now()).into_response()
 }
 
 /// The response for one stored entry at `now`, with the current windows. A gzip client that
@@ -242,7 +265,7 @@ pub fn entry_answer(
     if ctx.accept_gzip && view.gzip.is_none() {
         e.compress_later();
     }
-    answer(view, result, ctx)
+    answer(view, result, ctx, now)
 }
 
 #[cfg(test)]
@@ -370,6 +393,23 @@ mod tests {
         assert_eq!(age_value(86_400), "86400");
         assert_eq!(cache_control_value(299), "private, max-age=299");
         assert_eq!(cache_control_value(7200), "private, max-age=7200");
+    }
+
+    #[test]
+    fn field_lines_spell_their_names() {
+        for f in [
+            Field::CONTENT_TYPE,
+            Field::X_CACHE,
+            Field::AGE,
+            Field::ETAG,
+            Field::CACHE_CONTROL,
+            Field::VARY,
+            Field::CONTENT_ENCODING,
+            Field::CONTENT_LENGTH,
+            Field::X_REQUEST_ID,
+        ] {
+            assert_eq!(f.line, format!("{}: ", f.name).as_bytes());
+        }
     }
 
     #[test]

@@ -17,8 +17,8 @@
 //! once while a busy one closes after its answer (sent with `Connection: close`).
 
 use crate::api::{ClientApi, MAX_HEADERS};
-use crate::read::Answer;
-use crate::respond::{Body, X_REQUEST_ID};
+use crate::read::{Answer, Field};
+use crate::respond::Body;
 use crate::util::Shutdown;
 use bytes::{Buf, Bytes};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode};
@@ -78,17 +78,36 @@ where
                     return Outcome::HandOver(Bytes::copy_from_slice(&buf[pos..filled]));
                 };
                 let started = Instant::now();
-                let close = plain.close || shutdown.is_triggered();
-                let path = plain.target.split('?').next().unwrap_or_default();
-                let written = match api.fresh_hit(plain.head, path, req.headers, started).await {
-                    Some((answer, request_id)) => {
-                        write_answer(io, &mut out, answer, &request_id, close).await
-                    }
+                // A query is checked as hyper checks it (the path of a fast hit is checked by
+                // the router); a target hyper would refuse goes to hyper.
+                let fast_path = match plain.target.bytes().position(|b| b == b'?') {
+                    None => Some(plain.target),
+                    Some(q) => plain
+                        .target
+                        .parse::<http::uri::PathAndQuery>()
+                        .is_ok()
+                        .then(|| &plain.target[..q]),
+                };
+                let hit = match fast_path {
+                    Some(path) => api.fresh_hit(plain.head, path, req.headers, started).await,
+                    None => None,
+                };
+                let reply = match hit {
+                    Some(hit) => Reply::Hit(hit),
                     None => {
                         let Some(request) = plain.request(req.headers) else {
                             return Outcome::HandOver(Bytes::copy_from_slice(&buf[pos..filled]));
                         };
-                        let resp = api.serve(request).await;
+                        Reply::Served(api.serve(request).await)
+                    }
+                };
+                // Shutdown may have come while the answer was made.
+                let close = plain.close || shutdown.is_triggered();
+                let written = match reply {
+                    Reply::Hit((answer, request_id)) => {
+                        write_answer(io, &mut out, answer, &request_id, close).await
+                    }
+                    Reply::Served(resp) => {
                         write_response(io, &mut out, resp, plain.head, close).await
                     }
                 };
@@ -132,6 +151,12 @@ where
             _ => return Outcome::Closed,
         }
     }
+}
+
+/// An answer to write: a fresh hit and its request id, or what [`ClientApi::serve`] answered.
+enum Reply {
+    Hit((Answer, HeaderValue)),
+    Served(http::Response<Body>),
 }
 
 /// A request head the front serves itself: HTTP/1.1, GET or HEAD, no body, no upgrade.
@@ -302,15 +327,27 @@ impl<'a> HeadWriter<'a> {
     }
 
     fn header(&mut self, name: &HeaderName, value: &HeaderValue) {
-        self.has_length |= name == header::CONTENT_LENGTH;
-        self.has_date |= name == header::DATE;
+        self.note(name);
         self.out.extend_from_slice(name.as_str().as_bytes());
         self.out.extend_from_slice(b": ");
         self.out.extend_from_slice(value.as_bytes());
         self.out.extend_from_slice(b"\r\n");
     }
 
-    fn finish(self, length: Option<usize>, close: bool) {
+    /// [`header`](Self::header) with the line's start already written out.
+    fn field(&mut self, field: &Field, value: &HeaderValue) {
+        self.note(&field.name);
+        self.out.extend_from_slice(field.line);
+        self.out.extend_from_slice(value.as_bytes());
+        self.out.extend_from_slice(b"\r\n");
+    }
+
+    fn note(&mut self, name: &HeaderName) {
+        self.has_length |= name == header::CONTENT_LENGTH;
+        self.has_date |= name == header::DATE;
+    }
+
+    fn finish(self, length: Option<usize>, close: bool, date: SystemTime) {
         if let (Some(n), false) = (length, self.has_length) {
             self.out.extend_from_slice(b"content-length: ");
             let mut digits = [0u8; 20];
@@ -322,7 +359,7 @@ impl<'a> HeadWriter<'a> {
         }
         if !self.has_date {
             self.out.extend_from_slice(b"date: ");
-            with_date(|d| self.out.extend_from_slice(d));
+            with_date(date, |d| self.out.extend_from_slice(d));
             self.out.extend_from_slice(b"\r\n");
         }
         self.out.extend_from_slice(b"\r\n");
@@ -351,11 +388,11 @@ async fn write_answer<IO: AsyncWrite + Unpin>(
     close: bool,
 ) -> io::Result<()> {
     let mut w = HeadWriter::new(out, answer.status);
-    answer.for_each_header(|name, value| w.header(name, value));
-    w.header(&X_REQUEST_ID, request_id);
+    answer.for_each_header(|field, value| w.field(field, value));
+    w.field(&Field::X_REQUEST_ID, request_id);
     // A HEAD answer carries its length among its headers, and has no body here.
     let (length, send_body) = body_rules(answer.status, false, answer.body.len());
-    w.finish(length, close);
+    w.finish(length, close, answer.at);
     write_all(io, out, send_body.then_some(&answer.body)).await
 }
 
@@ -372,7 +409,7 @@ async fn write_response<IO: AsyncWrite + Unpin>(
         w.header(name, value);
     }
     let (length, send_body) = body_rules(parts.status, head, body.len());
-    w.finish(length, close);
+    w.finish(length, close, SystemTime::now());
     write_all(io, out, send_body.then_some(&body)).await
 }
 
@@ -383,6 +420,14 @@ async fn write_all<IO: AsyncWrite + Unpin>(
     body: Option<&Body>,
 ) -> io::Result<()> {
     const BATCH: usize = 16;
+    if body.is_none_or(|b| b.chunk(1).is_none()) {
+        return write_two(
+            io,
+            head,
+            body.and_then(|b| b.chunk(0)).map_or(&[], |c| c.as_ref()),
+        )
+        .await;
+    }
     // Part 0 is the head, part i + 1 the body's chunk i (indices, not an iterator: nothing
     // borrowed by a closure lives across the writes).
     let mut next = 0;
@@ -424,6 +469,26 @@ async fn write_all<IO: AsyncWrite + Unpin>(
     }
 }
 
+/// The common case: a head and at most one chunk.
+async fn write_two<IO: AsyncWrite + Unpin>(
+    io: &mut IO,
+    mut head: &[u8],
+    mut body: &[u8],
+) -> io::Result<()> {
+    while !head.is_empty() || !body.is_empty() {
+        let n = io
+            .write_vectored(&[IoSlice::new(head), IoSlice::new(body)])
+            .await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        let from_head = n.min(head.len());
+        head = &head[from_head..];
+        body = &body[n - from_head..];
+    }
+    io.flush().await
+}
+
 fn part<'a>(head: &'a [u8], body: Option<&'a Body>, i: usize) -> Option<&'a [u8]> {
     match i {
         0 => Some(head),
@@ -444,12 +509,11 @@ fn decimal(mut n: usize, digits: &mut [u8; 20]) -> &[u8] {
     }
 }
 
-/// The `Date` value (an IMF-fixdate), made once a second per thread.
-fn with_date<R>(f: impl FnOnce(&[u8]) -> R) -> R {
+/// The `Date` value of `now` (an IMF-fixdate), made once a second per thread.
+fn with_date<R>(now: SystemTime, f: impl FnOnce(&[u8]) -> R) -> R {
     thread_local! {
         static DATE: RefCell<(u64, [u8; 29])> = const { RefCell::new((u64::MAX, [0; 29])) };
     }
-    let now = SystemTime::now();
     let secs = now
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -555,7 +619,9 @@ mod tests {
 
     #[test]
     fn the_date_is_an_imf_fixdate() {
-        let d = with_date(|d| String::from_utf8(d.to_vec()).unwrap());
+        let d = with_date(SystemTime::now(), |d| {
+            String::from_utf8(d.to_vec()).unwrap()
+        });
         assert_eq!(d.len(), 29);
         assert!(d.ends_with(" GMT"), "{d}");
         assert!(httpdate::parse_http_date(&d).is_ok());

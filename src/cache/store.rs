@@ -10,6 +10,7 @@ use std::hash::BuildHasher;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::time::Instant;
 
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -106,7 +107,10 @@ impl MemStore {
             return;
         }
         let now = Instant::now();
-        let expires = now + entry.keep_for(&self.windows, super::clock::at(now));
+        // A lifetime too long to represent is kept as long as the store lives.
+        let expires = now
+            .checked_add(entry.keep_for(&self.windows, super::clock::at(now)))
+            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400));
         {
             let mut shard = self.shard(&key).write();
             let shard = &mut *shard;
@@ -312,7 +316,6 @@ mod tests {
     use super::*;
     use bytes::Bytes;
     use http::StatusCode;
-    use std::time::Duration;
 
     #[tokio::test]
     async fn weight_stays_within_capacity() {

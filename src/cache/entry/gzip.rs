@@ -12,9 +12,10 @@
 
 use bytes::Bytes;
 use flate2::{Compress, Compression, Crc, FlushCompress, Status};
+use parking_lot::{Condvar, Mutex};
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::{Arc, OnceLock, Weak};
 
 /// Bodies below this are not worth compressing.
@@ -125,11 +126,8 @@ impl GzipSlot {
             room,
             slot: Arc::downgrade(self),
         };
-        let sent = match pool() {
-            Some(tx) => tx.try_send(job),
-            None => Err(TrySendError::Disconnected(job)),
-        };
-        if sent.is_err() {
+        let sent = pool().is_some_and(|pool| pool.push(job));
+        if !sent {
             // Skipped: the next gzip request for this entry asks again.
             self.queued.store(false, Ordering::Release);
         }
@@ -151,28 +149,59 @@ fn lowest_priority() {
     }
 }
 
-/// The compressor pool's queue, started on first use: half the cores, 1 to 4 threads. `None`
-/// if no thread could be started (pages are then served identity only).
-fn pool() -> Option<&'static SyncSender<Job>> {
-    static POOL: OnceLock<Option<SyncSender<Job>>> = OnceLock::new();
-    POOL.get_or_init(|| {
+/// The compressor pool's queue: a plain mutex (held for a push or a pop, never while
+/// compressing) and a condition variable. Not a channel: a bounded channel's sender spins and
+/// yields while a receiver is half-way through taking a job, and with the receiver at nice 19
+/// on the same core (a server pinned to one) that spin held a request up for 100 ms and more.
+struct Pool {
+    jobs: Mutex<VecDeque<Job>>,
+    ready: Condvar,
+}
+
+impl Pool {
+    /// Queues `job`; false when the queue is full.
+    fn push(&self, job: Job) -> bool {
+        let mut jobs = self.jobs.lock();
+        if jobs.len() >= QUEUE {
+            return false;
+        }
+        jobs.push_back(job);
+        drop(jobs);
+        self.ready.notify_one();
+        true
+    }
+
+    fn pop(&self) -> Job {
+        let mut jobs = self.jobs.lock();
+        loop {
+            if let Some(job) = jobs.pop_front() {
+                return job;
+            }
+            self.ready.wait(&mut jobs);
+        }
+    }
+}
+
+/// The compressor pool, started on first use: half the cores, 1 to 4 threads. `None` if no
+/// thread could be started (pages are then served identity only).
+fn pool() -> Option<&'static Pool> {
+    static POOL: OnceLock<Option<&'static Pool>> = OnceLock::new();
+    *POOL.get_or_init(|| {
         let threads = std::thread::available_parallelism()
             .map_or(1, |n| n.get() / 2)
             .clamp(1, 4);
-        let (tx, rx) = sync_channel::<Job>(QUEUE);
-        let rx = Arc::new(parking_lot::Mutex::new(rx));
+        let pool: &'static Pool = Box::leak(Box::new(Pool {
+            jobs: Mutex::new(VecDeque::with_capacity(QUEUE)),
+            ready: Condvar::new(),
+        }));
         let mut started = 0;
         for i in 0..threads {
-            let rx = rx.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("gzip-{i}"))
                 .spawn(move || {
                     lowest_priority();
                     loop {
-                        let job = match rx.lock().recv() {
-                            Ok(job) => job,
-                            Err(_) => return,
-                        };
+                        let job = pool.pop();
                         if let Some(slot) = job.slot.upgrade() {
                             slot.fill(&job.body, job.room);
                         }
@@ -183,9 +212,8 @@ fn pool() -> Option<&'static SyncSender<Job>> {
                 Err(e) => tracing::warn!(error = %e, "cannot start a gzip thread"),
             }
         }
-        (started > 0).then_some(tx)
+        (started > 0).then_some(pool)
     })
-    .as_ref()
 }
 
 #[cfg(test)]

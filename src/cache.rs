@@ -20,8 +20,8 @@ pub mod page;
 pub mod store;
 
 pub use entry::{
-    gzip_parts, Entry, EntryMeta, Freshness, RefreshClaim, StoredEntry, UnreadableEntry, Windows,
-    META_VERSION,
+    gzip_parts, Entry, EntryMeta, FileForm, Freshness, RefreshClaim, StoredEntry, UnreadableEntry,
+    Windows, META_VERSION,
 };
 pub use fill::{FillFailed, FillResult, Filled, Origin, Want};
 pub use flight::{Join, Missed, SingleFlight};

@@ -116,6 +116,7 @@ fn document(w: &Walk, ctx: &Ctx, etag: HeaderValue, body: Body, gzip: Option<Byt
             .unwrap_or(0),
         body,
         gzip,
+        file: None,
     }
 }
 

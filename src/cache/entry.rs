@@ -9,10 +9,13 @@
 //! The gzip form is not needed for the first answer, so a new entry has none: it is made after,
 //! off the async workers ([`gzip`]), and appears in the entry when ready.
 
+mod file;
 mod gzip;
 
 use super::page::PageIndex;
 use bytes::Bytes;
+pub use file::FileForm;
+use file::FILE_MIN;
 pub use gzip::gzip_parts;
 use gzip::{GzipSlot, GZIP_MIN};
 use http::{HeaderValue, StatusCode};
@@ -217,6 +220,11 @@ impl Entry {
     }
 
     /// The gzip form, if it came with the entry or has been made since.
+    /// The body's file form, for `sendfile` (large bodies fetched here, once made).
+    pub fn file(&self) -> Option<&Arc<FileForm>> {
+        self.late_gzip.file()
+    }
+
     pub fn gzip(&self) -> Option<&Bytes> {
         self.stored.gzip.as_ref().or_else(|| self.late_gzip.get())
     }
@@ -341,7 +349,9 @@ impl Entry {
             None if body >= GZIP_MIN => self.gzip_room(),
             None => 0,
         };
-        let n = body + gzip + ENTRY_OVERHEAD + index;
+        // A large body's file form is a second copy, counted from the start.
+        let file = if body >= FILE_MIN { body } else { 0 };
+        let n = body + gzip + file + ENTRY_OVERHEAD + index;
         u32::try_from(n).unwrap_or(u32::MAX)
     }
 }

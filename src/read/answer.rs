@@ -4,11 +4,11 @@
 //! and answer through [`respond`], so they answer conditional requests, `HEAD` and gzip alike.
 
 use super::Ctx;
-use crate::cache::{Entry, Windows};
+use crate::cache::{Entry, FileForm, Windows};
 use crate::respond::{Body, X_REQUEST_ID};
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
 pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
@@ -99,6 +99,8 @@ pub struct View {
     pub body: Body,
     /// The gzip form, when there is one; sent to clients that accept it.
     pub gzip: Option<Bytes>,
+    /// The identity body's file form, when there is one (`sendfile` in the HTTP/1.1 front).
+    pub file: Option<Arc<FileForm>>,
 }
 
 impl View {
@@ -114,6 +116,7 @@ impl View {
             fresh_left: e.fresh_left_at(age, w),
             body: Body::new(e.body().clone()),
             gzip: if gzip { e.gzip().cloned() } else { None },
+            file: e.file().cloned(),
         }
     }
 }
@@ -169,6 +172,8 @@ pub struct Answer {
     pub body: Body,
     /// When it was answered (the request's arrival), for `Date`.
     pub at: SystemTime,
+    /// The body's file form, when the body is the whole identity body and has one.
+    pub file: Option<Arc<FileForm>>,
 }
 
 impl Answer {
@@ -209,6 +214,9 @@ pub fn answer(view: View, result: CacheResult, ctx: &Ctx, at: SystemTime) -> Ans
     let gzip = view.gzip.filter(|_| ctx.accept_gzip);
     let sent_len = gzip.as_ref().map_or_else(|| view.body.len(), Bytes::len);
     let gzip_sent = gzip.is_some() && !not_modified;
+    let file = view
+        .file
+        .filter(|_| gzip.is_none() && !not_modified && !ctx.head);
     let body = if not_modified || ctx.head {
         Body::default()
     } else {
@@ -232,6 +240,7 @@ pub fn answer(view: View, result: CacheResult, ctx: &Ctx, at: SystemTime) -> Ans
         head_length: (ctx.head && !not_modified).then_some(sent_len),
         body,
         at,
+        file,
     }
 }
 

@@ -17,6 +17,7 @@
 //! once while a busy one closes after its answer (sent with `Connection: close`).
 
 use crate::api::{ClientApi, MAX_HEADERS};
+use crate::cache::FileForm;
 use crate::read::{Answer, Field};
 use crate::respond::Body;
 use crate::util::Shutdown;
@@ -30,7 +31,8 @@ use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 /// Bytes read at a time; the buffer grows past it only for a head that needs more.
@@ -53,11 +55,21 @@ pub enum Outcome {
     HandOver(Bytes),
 }
 
+/// A connection the front serves: any stream; a plaintext one also lends its socket (and its
+/// write timeout) for `sendfile`.
+pub trait Conn: AsyncRead + AsyncWrite + Unpin {
+    fn socket(&self) -> Option<(&TcpStream, Duration)> {
+        None
+    }
+}
+
 /// Serves requests from `io` until the connection closes or must go to hyper.
-pub async fn serve<IO>(io: &mut IO, api: &ClientApi, limits: Limits, shutdown: &Shutdown) -> Outcome
-where
-    IO: AsyncRead + AsyncWrite + Unpin,
-{
+pub async fn serve<IO: Conn>(
+    io: &mut IO,
+    api: &ClientApi,
+    limits: Limits,
+    shutdown: &Shutdown,
+) -> Outcome {
     let mut buf = vec![0u8; READ_CHUNK];
     // Unanswered bytes are `buf[pos..filled]`.
     let (mut pos, mut filled) = (0usize, 0usize);
@@ -380,7 +392,7 @@ fn body_rules(status: StatusCode, head: bool, body_len: usize) -> (Option<usize>
     (length, !bodiless_status && !head)
 }
 
-async fn write_answer<IO: AsyncWrite + Unpin>(
+async fn write_answer<IO: Conn>(
     io: &mut IO,
     out: &mut Vec<u8>,
     answer: Answer,
@@ -393,7 +405,60 @@ async fn write_answer<IO: AsyncWrite + Unpin>(
     // A HEAD answer carries its length among its headers, and has no body here.
     let (length, send_body) = body_rules(answer.status, false, answer.body.len());
     w.finish(length, close, answer.at);
+    if let (Some(file), Some((socket, timeout))) = (&answer.file, io.socket()) {
+        return send_file(socket, timeout, out, file).await;
+    }
     write_all(io, out, send_body.then_some(&answer.body)).await
+}
+
+/// The head (held back with `MSG_MORE`), then the body from its file form with `sendfile`: the
+/// kernel passes the file's pages to the socket, copying nothing. A wait for the socket longer
+/// than `timeout` (the client reads nothing) fails the write, as for any answer.
+async fn send_file(
+    socket: &TcpStream,
+    timeout: Duration,
+    head: &[u8],
+    file: &FileForm,
+) -> io::Result<()> {
+    let mut sent = 0;
+    while sent < head.len() {
+        let more = socket.try_io(Interest::WRITABLE, || {
+            rustix::net::send(socket, &head[sent..], rustix::net::SendFlags::MORE)
+                .map_err(io::Error::from)
+        });
+        match more {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => writable(socket, timeout).await?,
+            Err(e) => return Err(e),
+        }
+    }
+    let len = file.len() as u64;
+    let mut offset = 0u64;
+    while offset < len {
+        let left = usize::try_from(len - offset).unwrap_or(usize::MAX);
+        let more = socket.try_io(Interest::WRITABLE, || {
+            rustix::fs::sendfile(socket, file.file(), Some(&mut offset), left)
+                .map_err(io::Error::from)
+        });
+        match more {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => writable(socket, timeout).await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+async fn writable(socket: &TcpStream, timeout: Duration) -> io::Result<()> {
+    match tokio::time::timeout(timeout, socket.writable()).await {
+        Ok(ready) => ready,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the client read nothing of its answer within server.write_timeout",
+        )),
+    }
 }
 
 async fn write_response<IO: AsyncWrite + Unpin>(

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::{Instant, Sleep};
 
@@ -142,7 +142,7 @@ async fn connection<IO, S>(
     watcher: Watcher,
     front: Option<(ClientApi, Limits, Shutdown)>,
 ) where
-    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    IO: h1::Conn + Send + 'static,
     S: HttpService<Incoming, ResBody = Body>,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
@@ -157,6 +157,15 @@ async fn connection<IO, S>(
         let _ = watcher.watch(builder.serve_connection(io, service)).await;
     }
 }
+
+impl h1::Conn for WriteTimeout<TcpStream> {
+    fn socket(&self) -> Option<(&TcpStream, Duration)> {
+        Some((&self.io, self.timeout))
+    }
+}
+
+/// TLS: no `sendfile` (the bytes are encrypted in this process).
+impl h1::Conn for tokio_rustls::server::TlsStream<WriteTimeout<TcpStream>> {}
 
 /// A connection's IO whose writes fail once they have made no progress for `timeout`: the
 /// peer's receive window stayed shut (it reads nothing), so hyper gets an error, stops, and the

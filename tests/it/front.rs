@@ -1252,3 +1252,126 @@ async fn hits_answered_by_the_front_are_counted() {
     assert_eq!(sim.count("licenses"), 1);
     no_lockout(&sim);
 }
+
+// ---------------------------------------------------------------------------------------------
+// 10. sendfile
+
+/// A large page's hits go out with `sendfile` from its file form, made after the first answer:
+/// the same bytes again and again on one connection, pipelined too; HEAD sends the length only;
+/// gzip clients still get the gzip form.
+#[tokio::test]
+async fn large_pages_are_sent_from_their_file_form() {
+    use thingspace_gateway::cache::{Key, Kind};
+    let (sim, gw, account) = setup("").await;
+    let page = license_path(&account, 0);
+    let miss = warm(&gw, &page).await;
+    assert!(miss.body.len() >= 32 * 1024, "{}", miss.body.len());
+    let key = Key {
+        kind: Kind::Page,
+        account: account.as_str().into(),
+        index: 0,
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    let file_len = || {
+        gw.gateway
+            .cache()
+            .get(&key, tokio::time::Instant::now())
+            .and_then(|e| e.file().map(|f| f.len()))
+    };
+    while file_len() != Some(miss.body.len()) {
+        assert!(std::time::Instant::now() < deadline, "no file form");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut c = Conn::open(gw.addr).await;
+    for _ in 0..5 {
+        c.send(get(&page, "")).await;
+        assert_page(&c.answer(false).await, "HIT", &miss.body);
+    }
+    c.send(format!(
+        "{}{}{}",
+        get(&page, ""),
+        head(&page, ""),
+        get(&page, "")
+    ))
+    .await;
+    assert_page(&c.answer(false).await, "HIT", &miss.body);
+    let h = c.answer(true).await;
+    assert_eq!(h.status, 200, "{h:?}");
+    assert_eq!(h.length(), Some(miss.body.len()));
+    assert!(h.body.is_empty());
+    assert_page(&c.answer(false).await, "HIT", &miss.body);
+    c.send(get(&page, "Accept-Encoding: gzip\r\n")).await;
+    let gz = c.answer(false).await;
+    assert_eq!(gz.header("content-encoding"), Some("gzip"), "{gz:?}");
+    let mut plain = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz.body[..]), &mut plain)
+        .expect("gzip");
+    assert_eq!(plain, miss.body);
+    assert_eq!(sim.count("licenses"), 1);
+    no_lockout(&sim);
+}
+
+/// `write_timeout` holds for an answer sent with `sendfile` too: a client that reads nothing of
+/// a large page is cut off, and with one connection allowed the next client is then answered.
+#[tokio::test]
+async fn a_client_that_stops_reading_a_sendfile_answer_is_cut_off() {
+    use thingspace_gateway::cache::{Key, Kind};
+    let sim = start_sim(thingspace_sim::SimOptions {
+        accounts: 1,
+        devices: 100_000,
+        page_size: 100_000,
+        ..sim_opts()
+    })
+    .await;
+    let gw = start_gateway(config(
+        &sim.base_url(),
+        // Only the write timeout may close the stalled connection within the test's wait.
+        "[server]\nwrite_timeout = \"200ms\"\nmax_connections = 1\n\
+         header_read_timeout = \"60s\"\n",
+    ))
+    .await;
+    wait_ready(&gw).await;
+    let account = sim.account_names()[0].clone();
+    let page = license_path(&account, 0);
+    let miss = warm(&gw, &page).await;
+    let key = Key {
+        kind: Kind::Page,
+        account: account.as_str().into(),
+        index: 0,
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    while gw
+        .gateway
+        .cache()
+        .get(&key, tokio::time::Instant::now())
+        .and_then(|e| e.file().map(|f| f.len()))
+        != Some(miss.body.len())
+    {
+        assert!(std::time::Instant::now() < deadline, "no file form");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // A small receive window, so that the ~8 MB page cannot all sit in kernel buffers.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(gw.addr).await.unwrap();
+    stalled.write_all(get(&page, "").as_bytes()).await.unwrap();
+    let mut next = Conn::open(gw.addr).await;
+    next.send(get("/nope", "")).await;
+    assert_error(
+        &next.answer(false).await,
+        "HTTP/1.1 404 Not Found",
+        "GW_NOT_FOUND",
+    );
+    let mut got = Vec::new();
+    let end = tokio::time::timeout(WAIT, stalled.read_to_end(&mut got))
+        .await
+        .expect("the stalled connection was closed");
+    assert!(
+        end.is_err() || got.len() < miss.body.len(),
+        "got {} bytes of a {}-byte page",
+        got.len(),
+        miss.body.len()
+    );
+    assert_eq!(sim.count("licenses"), 1);
+    no_lockout(&sim);
+}

@@ -10,6 +10,7 @@
 //! resets it per body: a fresh state per page costs a ~300 KB allocation, its page faults and a
 //! `memset`, more than compressing an 8 KB page.
 
+use super::file::{FileForm, FILE_MIN};
 use bytes::Bytes;
 use flate2::{Compress, Compression, Crc, FlushCompress, Status};
 use parking_lot::{Condvar, Mutex};
@@ -97,6 +98,8 @@ pub struct GzipSlot {
     form: OnceLock<Option<Bytes>>,
     /// A job for this slot is queued or running.
     queued: AtomicBool,
+    /// The body's file form (large bodies only), made by the same job after the gzip form.
+    file: OnceLock<Option<Arc<FileForm>>>,
 }
 
 impl GzipSlot {
@@ -110,10 +113,19 @@ impl GzipSlot {
         self.form.get().is_some()
     }
 
-    /// Compresses `body` here and now, keeping the result if at most `room` bytes.
+    /// The body's file form, once made.
+    pub fn file(&self) -> Option<&Arc<FileForm>> {
+        self.file.get().and_then(Option::as_ref)
+    }
+
+    /// Compresses `body` here and now, keeping the result if at most `room` bytes; then makes
+    /// the file form of a large body.
     pub fn fill(&self, body: &[u8], room: usize) {
         let gz = gzip_parts(&[body]).filter(|gz| gz.len() <= room);
         let _ = self.form.set(gz);
+        if body.len() >= FILE_MIN {
+            let _ = self.file.set(FileForm::new(body).map(Arc::new));
+        }
     }
 
     /// Queues the compression of `body` on the compressor pool, unless done or queued already.

@@ -1256,32 +1256,37 @@ async fn hits_answered_by_the_front_are_counted() {
 // ---------------------------------------------------------------------------------------------
 // 10. sendfile
 
+/// Waits until page 0 of `account` has its file form (made after its first answer) of `len`.
+async fn wait_for_file_form(gw: &Running, account: &str, len: usize) {
+    use thingspace_gateway::cache::{Key, Kind};
+    let key = Key {
+        kind: Kind::Page,
+        account: account.into(),
+        index: 0,
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    while gw
+        .gateway
+        .cache()
+        .get(&key, tokio::time::Instant::now())
+        .and_then(|e| e.file().map(|f| f.len()))
+        != Some(len)
+    {
+        assert!(std::time::Instant::now() < deadline, "no file form");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// A large page's hits go out with `sendfile` from its file form, made after the first answer:
 /// the same bytes again and again on one connection, pipelined too; HEAD sends the length only;
 /// gzip clients still get the gzip form.
 #[tokio::test]
 async fn large_pages_are_sent_from_their_file_form() {
-    use thingspace_gateway::cache::{Key, Kind};
     let (sim, gw, account) = setup("").await;
     let page = license_path(&account, 0);
     let miss = warm(&gw, &page).await;
     assert!(miss.body.len() >= 32 * 1024, "{}", miss.body.len());
-    let key = Key {
-        kind: Kind::Page,
-        account: account.as_str().into(),
-        index: 0,
-    };
-    let deadline = std::time::Instant::now() + WAIT;
-    let file_len = || {
-        gw.gateway
-            .cache()
-            .get(&key, tokio::time::Instant::now())
-            .and_then(|e| e.file().map(|f| f.len()))
-    };
-    while file_len() != Some(miss.body.len()) {
-        assert!(std::time::Instant::now() < deadline, "no file form");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_for_file_form(&gw, &account, miss.body.len()).await;
     let mut c = Conn::open(gw.addr).await;
     for _ in 0..5 {
         c.send(get(&page, "")).await;
@@ -1315,7 +1320,6 @@ async fn large_pages_are_sent_from_their_file_form() {
 /// a large page is cut off, and with one connection allowed the next client is then answered.
 #[tokio::test]
 async fn a_client_that_stops_reading_a_sendfile_answer_is_cut_off() {
-    use thingspace_gateway::cache::{Key, Kind};
     let sim = start_sim(thingspace_sim::SimOptions {
         accounts: 1,
         devices: 100_000,
@@ -1334,22 +1338,7 @@ async fn a_client_that_stops_reading_a_sendfile_answer_is_cut_off() {
     let account = sim.account_names()[0].clone();
     let page = license_path(&account, 0);
     let miss = warm(&gw, &page).await;
-    let key = Key {
-        kind: Kind::Page,
-        account: account.as_str().into(),
-        index: 0,
-    };
-    let deadline = std::time::Instant::now() + WAIT;
-    while gw
-        .gateway
-        .cache()
-        .get(&key, tokio::time::Instant::now())
-        .and_then(|e| e.file().map(|f| f.len()))
-        != Some(miss.body.len())
-    {
-        assert!(std::time::Instant::now() < deadline, "no file form");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_for_file_form(&gw, &account, miss.body.len()).await;
     // A small receive window, so that the ~8 MB page cannot all sit in kernel buffers.
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();

@@ -363,14 +363,16 @@ impl ClientApi {
     /// request id, everything counted and logged. `None` for any other request, before any
     /// effect (the client's rate is charged only once the hit is certain); the front then
     /// gives the request to [`serve`](Self::serve).
+    /// `sendfile`: the client's connection can be sent a body's file form.
     pub fn fresh_hit<'a>(
         &'a self,
         head: bool,
         path: &'a str,
         raw: &'a [httparse::Header<'a>],
         started: Instant,
+        sendfile: bool,
     ) -> impl Future<Output = Option<(Answer, HeaderValue)>> + Send + 'a {
-        self.fresh_hit_inner(head, path, raw, started)
+        self.fresh_hit_inner(head, path, raw, started, sendfile)
     }
 
     async fn fresh_hit_inner(
@@ -379,6 +381,7 @@ impl ClientApi {
         path: &str,
         raw: &[httparse::Header<'_>],
         started: Instant,
+        sendfile: bool,
     ) -> Option<(Answer, HeaderValue)> {
         let g = &self.0;
         let method = if head { Method::HEAD } else { Method::GET };
@@ -399,6 +402,11 @@ impl ClientApi {
             let clients = g.clients.load();
             let who = clients.authenticate(headers.authorization()).ok()?;
             clients.authorize(&who, route.account()).ok()?;
+        }
+        // A whole identity body the connection could be sent with `sendfile` asks for its
+        // file form (made once, off the response path; this answer is written from memory).
+        if sendfile && answer.file.is_none() && answer.sends_identity_body() {
+            entry.file_later();
         }
         g.reader.metrics().lookup_hit.inc();
         g.finish(

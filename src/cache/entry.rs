@@ -220,9 +220,17 @@ impl Entry {
     }
 
     /// The gzip form, if it came with the entry or has been made since.
-    /// The body's file form, for `sendfile` (large bodies fetched here, once made).
+    /// The body's file form, for `sendfile` (large bodies, once a plaintext hit asked for it
+    /// and it was made: see [`Entry::file_later`]).
     pub fn file(&self) -> Option<&Arc<FileForm>> {
         self.late_gzip.file()
+    }
+
+    /// Queues the making of the body's file form on the compressor threads (bodies of 32 KiB or
+    /// more; once); returns at once. Only a client that can be sent it asks: a TLS listener, or
+    /// a page never hit, costs no file and no descriptor.
+    pub fn file_later(&self) {
+        self.late_gzip.request_file(&self.stored.body);
     }
 
     pub fn gzip(&self) -> Option<&Bytes> {
@@ -349,7 +357,8 @@ impl Entry {
             None if body >= GZIP_MIN => self.gzip_room(),
             None => 0,
         };
-        // A large body's file form is a second copy, counted from the start.
+        // A large body's file form is a second copy, counted from the start (made or not), so
+        // that the weight never undercounts what the entry holds.
         let file = if body >= FILE_MIN { body } else { 0 };
         let n = body + gzip + file + ENTRY_OVERHEAD + index;
         u32::try_from(n).unwrap_or(u32::MAX)

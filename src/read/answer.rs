@@ -194,6 +194,11 @@ impl Answer {
         }
     }
 
+    /// The body sent is the whole identity body (not gzip, HEAD or 304): what a file form holds.
+    pub fn sends_identity_body(&self) -> bool {
+        !self.gzip && self.head_length.is_none() && self.status != StatusCode::NOT_MODIFIED
+    }
+
     pub fn into_response(self) -> Response<Body> {
         // Room for every header this answer gets, so inserting never regrows the map.
         let mut headers = HeaderMap::with_capacity(12);
@@ -214,9 +219,6 @@ pub fn answer(view: View, result: CacheResult, ctx: &Ctx, at: SystemTime) -> Ans
     let gzip = view.gzip.filter(|_| ctx.accept_gzip);
     let sent_len = gzip.as_ref().map_or_else(|| view.body.len(), Bytes::len);
     let gzip_sent = gzip.is_some() && !not_modified;
-    let file = view
-        .file
-        .filter(|_| gzip.is_none() && !not_modified && !ctx.head);
     let body = if not_modified || ctx.head {
         Body::default()
     } else {
@@ -225,7 +227,7 @@ pub fn answer(view: View, result: CacheResult, ctx: &Ctx, at: SystemTime) -> Ans
             None => view.body,
         }
     };
-    Answer {
+    let mut answer = Answer {
         status: if not_modified {
             StatusCode::NOT_MODIFIED
         } else {
@@ -240,8 +242,10 @@ pub fn answer(view: View, result: CacheResult, ctx: &Ctx, at: SystemTime) -> Ans
         head_length: (ctx.head && !not_modified).then_some(sent_len),
         body,
         at,
-        file,
-    }
+        file: None,
+    };
+    answer.file = view.file.filter(|_| answer.sends_identity_body());
+    answer
 }
 
 /// The response for a cached answer: copies no body bytes.

@@ -101,7 +101,11 @@ pub async fn serve<IO: Conn>(
                         .then(|| &plain.target[..q]),
                 };
                 let hit = match fast_path {
-                    Some(path) => api.fresh_hit(plain.head, path, req.headers, started).await,
+                    Some(path) => {
+                        let sendfile = io.socket().is_some();
+                        api.fresh_hit(plain.head, path, req.headers, started, sendfile)
+                            .await
+                    }
                     None => None,
                 };
                 let reply = match hit {

@@ -1256,9 +1256,12 @@ async fn hits_answered_by_the_front_are_counted() {
 // ---------------------------------------------------------------------------------------------
 // 10. sendfile
 
-/// Waits until page 0 of `account` has its file form (made after its first answer) of `len`.
+/// Asks for page 0 of `account` once more (a plaintext hit asks for the page's file form) and
+/// waits until the form, of `len` bytes, is made.
 async fn wait_for_file_form(gw: &Running, account: &str, len: usize) {
     use thingspace_gateway::cache::{Key, Kind};
+    let hit = warm(gw, &license_path(account, 0)).await;
+    assert_eq!(hit.header("x-cache"), Some("HIT"), "{hit:?}");
     let key = Key {
         kind: Kind::Page,
         account: account.into(),

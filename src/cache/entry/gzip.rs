@@ -98,8 +98,9 @@ pub struct GzipSlot {
     form: OnceLock<Option<Bytes>>,
     /// A job for this slot is queued or running.
     queued: AtomicBool,
-    /// The body's file form (large bodies only), made by the same job after the gzip form.
+    /// The body's file form (large bodies only), made on the pool when a plaintext hit asks.
     file: OnceLock<Option<Arc<FileForm>>>,
+    file_queued: AtomicBool,
 }
 
 impl GzipSlot {
@@ -118,11 +119,14 @@ impl GzipSlot {
         self.file.get().and_then(Option::as_ref)
     }
 
-    /// Compresses `body` here and now, keeping the result if at most `room` bytes; then makes
-    /// the file form of a large body.
+    /// Compresses `body` here and now, keeping the result if at most `room` bytes.
     pub fn fill(&self, body: &[u8], room: usize) {
         let gz = gzip_parts(&[body]).filter(|gz| gz.len() <= room);
         let _ = self.form.set(gz);
+    }
+
+    /// Makes the file form of a large `body` here and now.
+    pub fn fill_file(&self, body: &[u8]) {
         if body.len() >= FILE_MIN {
             let _ = self.file.set(FileForm::new(body).map(Arc::new));
         }
@@ -130,26 +134,46 @@ impl GzipSlot {
 
     /// Queues the compression of `body` on the compressor pool, unless done or queued already.
     pub fn request(self: &Arc<Self>, body: &Bytes, room: usize) {
-        if self.is_done() || self.queued.swap(true, Ordering::AcqRel) {
+        if !self.is_done() {
+            self.queue(&self.queued, body, Make::Gzip { room });
+        }
+    }
+
+    /// Queues the making of `body`'s file form on the pool, unless made or queued already.
+    pub fn request_file(self: &Arc<Self>, body: &Bytes) {
+        if body.len() >= FILE_MIN && self.file.get().is_none() {
+            self.queue(&self.file_queued, body, Make::File);
+        }
+    }
+
+    fn queue(self: &Arc<Self>, queued: &AtomicBool, body: &Bytes, make: Make) {
+        if queued.swap(true, Ordering::AcqRel) {
             return;
         }
         let job = Job {
             body: body.clone(),
-            room,
+            make,
             slot: Arc::downgrade(self),
         };
-        let sent = pool().is_some_and(|pool| pool.push(job));
-        if !sent {
-            // Skipped: the next gzip request for this entry asks again.
-            self.queued.store(false, Ordering::Release);
+        if !pool().is_some_and(|pool| pool.push(job)) {
+            // Skipped: the next request for this form asks again.
+            queued.store(false, Ordering::Release);
         }
     }
 }
 
 struct Job {
     body: Bytes,
-    room: usize,
+    make: Make,
     slot: Weak<GzipSlot>,
+}
+
+enum Make {
+    /// The gzip form, kept if at most `room` bytes.
+    Gzip {
+        room: usize,
+    },
+    File,
 }
 
 /// Compression uses only CPU the request path leaves: on a machine with every core busy serving
@@ -215,7 +239,10 @@ fn pool() -> Option<&'static Pool> {
                     loop {
                         let job = pool.pop();
                         if let Some(slot) = job.slot.upgrade() {
-                            slot.fill(&job.body, job.room);
+                            match job.make {
+                                Make::Gzip { room } => slot.fill(&job.body, room),
+                                Make::File => slot.fill_file(&job.body),
+                            }
                         }
                     }
                 });
